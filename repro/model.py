@@ -1,0 +1,265 @@
+"""The network of Krizhevsky, Sutskever & Hinton (NIPS 2012), as two towers on two devices.
+
+Read top to bottom: the fidelity presets, the pieces (response normalisation, dropout), one tower, the whole
+network, and the conversion to and from the single-device grouped layout (Caffe's `bvlc_alexnet` shapes).
+Section numbers (§) are the paper's; "the 2012 code" is Krizhevsky's cuda-convnet configs layers-145 /
+layer-params-145, which produced Table 2.
+
+The paper's two GPUs each hold half of every layer (a "tower"). Tower-local: conv1, conv2, conv4, conv5.
+Cross-tower: conv3 and fc6/fc7 read both towers' outputs, fc8 lives on the first device and reads both (§3.2,
+Figure 2). Activations cross devices at exactly those four points.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Every choice on which the paper text and the 2012 code differ (or where the text is silent), one named option
+# each. `paper` follows the text wherever it is explicit and the 2012 code where the text is silent;
+# `cuda_convnet` is the 2012 code (layers-145). The README's fidelity table lists the sources.
+PRESETS: dict[str, dict] = {
+    "paper": dict(
+        lrn=True,  # §3.3: response normalisation after conv1 and conv2
+        lrn_position="after_relu",  # §3.3: "after applying the ReLU" (the 2012 code: before it, conv1 only)
+        lrn_alpha_over_n=False,  # §3.3 formula taken literally: k + alpha * sum(a^2)
+        spatial_norm=False,  # not in the paper
+        overlap_pool=True,  # §3.4: 3x3 windows, stride 2
+        towers=2,  # §3.2: two GPUs
+        dropout=True,  # §4.2: p=0.5 on the outputs of fc6 and fc7
+        dropout_style="paper",  # §4.2: no scaling while training, outputs x0.5 at test
+        conv1_padding="right_bottom3",  # silent in the paper; what the 2012 code effectively did
+        init="paper",  # §5: every weight ~ N(0, 0.01)
+        init_bias=1.0,  # §5: biases of conv2, conv4, conv5, fc6, fc7 (Caffe fell back to 0.1)
+    ),
+}
+PRESETS["cuda_convnet"] = dict(
+    PRESETS["paper"],
+    lrn_position="before_relu",  # conv1 -> rnorm1 -> ReLU -> pool1 (conv1 has no neuron of its own)
+    lrn_alpha_over_n=True,  # cuda-convnet divides `scale` by `size`: k + (alpha / n) * sum(a^2)
+    spatial_norm=True,  # the extra same-map 5x5 `cnorm2` after rnorm2
+    init="cuda_convnet",  # initW 0.03 for conv3-conv5
+)
+
+CHOICES = {
+    "lrn_position": ("after_relu", "before_relu"),
+    "dropout_style": ("paper", "inverted"),
+    "conv1_padding": ("right_bottom3", "symmetric2"),
+    "init": ("paper", "cuda_convnet"),
+    "towers": (1, 2),
+}
+
+# §3.3: k=2, n=5, alpha=1e-4, beta=0.75, in both the paper and the 2012 code.
+LRN_K, LRN_SIZE, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
+# The 2012 code's cnorm2 (type rnorm): x / (1 + (1e-3 / 5^2) * sum over a 5x5 window of the same map)^0.75.
+SPATIAL_NORM_SIZE, SPATIAL_NORM_SCALE, SPATIAL_NORM_POW = 5, 1e-3, 0.75
+DROPOUT_P = 0.5
+
+# Layer widths per tower: conv1..conv5, fc6, fc7. The one-GPU net of §3.2 halves every conv layer but the last
+# and keeps the fully connected layers whole ("biased in favor of the one-GPU net").
+TWO_TOWER_WIDTHS = (48, 128, 192, 192, 128, 2048, 2048)
+ONE_TOWER_WIDTHS = (48, 128, 192, 192, 256, 4096, 4096)
+
+
+def resolve_options(preset: str = "paper", **overrides) -> dict:
+    """The preset's options with `overrides` applied, every key and value checked."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    options = dict(PRESETS[preset])
+    unknown = sorted(set(overrides) - set(options))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; the options are {sorted(options)}")
+    options.update(overrides)
+    for key, allowed in CHOICES.items():
+        if options[key] not in allowed:
+            raise ValueError(f"model option {key}={options[key]!r} is not one of {list(allowed)}")
+    return options
+
+
+def local_response_norm(alpha_over_n: bool) -> nn.LocalResponseNorm:
+    """§3.3 across-channel response normalisation, b_i = a_i / (k + alpha * sum_j a_j^2)^beta.
+
+    PyTorch's layer computes k + (alpha' / n) * sum, so the paper's formula taken literally is alpha' = n * alpha
+    = 5e-4, and the 2012 code's (which divides its `scale` by n) is alpha' = alpha = 1e-4. Windows are clipped at
+    the first and last channel, as in the paper. Each tower owns its layer, so a window never crosses towers.
+    """
+    alpha = LRN_ALPHA if alpha_over_n else LRN_ALPHA * LRN_SIZE
+    return nn.LocalResponseNorm(LRN_SIZE, alpha=alpha, beta=LRN_BETA, k=LRN_K)
+
+
+class SpatialResponseNorm(nn.Module):
+    """The 2012 code's `cnorm2`: each map divided by (1 + scale/size^2 * its 5x5 neighbourhood's sum of squares)^pow.
+
+    Zeros stand in beyond the border and the divisor is always size^2 (cuda-convnet's rnorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sq = F.avg_pool2d(x * x, SPATIAL_NORM_SIZE, stride=1, padding=SPATIAL_NORM_SIZE // 2,
+                               count_include_pad=True)
+        return x / (1.0 + SPATIAL_NORM_SCALE * mean_sq).pow(SPATIAL_NORM_POW)
+
+
+class Dropout(nn.Module):
+    """§4.2 dropout with p=0.5. `paper`: zero each unit with probability p while training and multiply every
+    output by 1-p at test ("a reasonable approximation to taking the geometric mean"). `inverted`: PyTorch's,
+    scaling by 1/(1-p) while training and doing nothing at test. Equal in expectation."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "inverted":
+            return F.dropout(x, DROPOUT_P, self.training)
+        if self.training:
+            return x * torch.empty_like(x).bernoulli_(1.0 - DROPOUT_P)
+        return x * (1.0 - DROPOUT_P)
+
+    def extra_repr(self) -> str:
+        return f"p={DROPOUT_P}, style={self.style}"
+
+
+def exchange(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Gather every tower's activations on `device`, tower 0's channels first: one of the four places (conv3,
+    fc6, fc7, fc8) where the towers talk (§3.2)."""
+    return torch.cat([p.to(device) for p in parts], dim=1)
+
+
+class Tower(nn.Module):
+    """One GPU's half of the network (§3.2). conv3, fc6 and fc7 take the inputs of all towers (`num_towers`)."""
+
+    def __init__(self, widths: Sequence[int], num_towers: int, options: Mapping):
+        super().__init__()
+        c1, c2, c3, c4, c5, f6, f7 = widths
+        overlap = options["overlap_pool"]
+        # §3.1 / Figure 2. conv1 sees the whole image. With non-overlapping 2x2 pooling the 2012 code kept the
+        # maps near 27/13/6 by giving conv2 padding 1 and conv5 padding 0 (run #147; maps 28, 13, 6).
+        self.conv1 = nn.Conv2d(3, c1, 11, stride=4, padding=2 if options["conv1_padding"] == "symmetric2" else 0)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=2 if overlap else 1)
+        self.conv3 = nn.Conv2d(c2 * num_towers, c3, 3, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1 if overlap else 0)
+        self.fc6 = nn.Linear(c5 * 6 * 6 * num_towers, f6)
+        self.fc7 = nn.Linear(f6 * num_towers, f7)
+        self.lrn1 = local_response_norm(options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
+        self.lrn2 = local_response_norm(options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
+        # lrn=False removes every normalisation layer, the extra spatial one included (the 2012 run #148).
+        self.spatial_norm = SpatialResponseNorm() if options["lrn"] and options["spatial_norm"] else nn.Identity()
+        # §3.4: overlapping pooling z=3, s=2; the ablation z=2, s=2 (cuda-convnet sizes its outputs with ceil).
+        self.pool = nn.MaxPool2d(3, 2) if overlap else nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.dropout6 = Dropout(options["dropout_style"]) if options["dropout"] else nn.Identity()
+        self.dropout7 = Dropout(options["dropout_style"]) if options["dropout"] else nn.Identity()
+        self.lrn1_before_relu = options["lrn_position"] == "before_relu"
+        self.right_bottom_pad = options["conv1_padding"] == "right_bottom3"
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 -> (ReLU, LRN) -> pool -> conv2 -> ReLU -> LRN -> pool: the layers before the first exchange."""
+        if self.right_bottom_pad:
+            # cuda-convnet fed 224x224 images to a stride-4 11x11 convolution and sized its output with ceil:
+            # 55x55, the last window hanging 3 pixels of zeros over the right and bottom edges.
+            x = F.pad(x, (0, 3, 0, 3))
+        x = self.conv1(x)
+        x = F.relu(self.lrn1(x)) if self.lrn1_before_relu else self.lrn1(F.relu(x))
+        x = self.pool(x)
+        x = self.lrn2(F.relu(self.conv2(x)))
+        return self.pool(self.spatial_norm(x))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """conv3 (input: all towers' pool2) -> conv4 -> conv5 -> pool, flattened channel-major."""
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        x = self.pool(F.relu(self.conv5(x)))
+        return torch.flatten(x, 1)
+
+    def head6(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout6(F.relu(self.fc6(x)))
+
+    def head7(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout7(F.relu(self.fc7(x)))
+
+
+class AlexNet(nn.Module):
+    """The 2012 network. Tower t lives on `devices[t]`; the input may be on any device; logits come back on
+    `devices[0]`. `towers=1` is §3.2's one-GPU comparison net, on `devices[0]`.
+
+    `preset` picks the fidelity preset (`paper` or `cuda_convnet`); keyword overrides change single options,
+    e.g. `AlexNet(lrn=False)` for the §3.3 ablation.
+    """
+
+    def __init__(self, num_classes: int = 1000, devices: Sequence = ("cpu", "cpu"), preset: str = "paper",
+                 **overrides):
+        super().__init__()
+        self.options = resolve_options(preset, **overrides)
+        self.preset = preset
+        if len(devices) != 2:
+            raise ValueError(f"devices must name two devices (one per tower), got {list(devices)}")
+        num_towers = self.options["towers"]
+        self.devices = [torch.device(d) for d in devices][:num_towers]
+        widths = TWO_TOWER_WIDTHS if num_towers == 2 else ONE_TOWER_WIDTHS
+        self.towers = nn.ModuleList()
+        for device in self.devices:
+            with torch.device(device):  # built where it runs, never moved (works under FakeTensorMode too)
+                self.towers.append(Tower(widths, num_towers, self.options))
+        with torch.device(self.devices[0]):
+            self.fc8 = nn.Linear(widths[6] * num_towers, num_classes)  # §3.5: one 1000-way layer, on GPU 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """§5: every weight ~ N(0, 0.01); biases of conv2, conv4, conv5, fc6 and fc7 = 1 (to give the ReLUs
+        positive inputs early on), the rest 0. The 2012 code drew conv3-conv5 with std 0.03."""
+        deep_std = 0.03 if self.options["init"] == "cuda_convnet" else 0.01
+        for tower in self.towers:
+            for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
+                layer = getattr(tower, name)
+                layer.weight.normal_(0.0, deep_std if name in ("conv3", "conv4", "conv5") else 0.01)
+                layer.bias.fill_(self.options["init_bias"] if name in ("conv2", "conv4", "conv5", "fc6", "fc7")
+                                 else 0.0)
+        self.fc8.weight.normal_(0.0, 0.01)
+        self.fc8.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each stage is issued tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
+        pool2 = [tower.stem(x.to(device)) for tower, device in zip(self.towers, self.devices)]
+        pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
+        fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
+        fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]
+        return self.fc8(exchange(fc7, self.devices[0]))
+
+
+# The single-device grouped layout (Caffe's bvlc_alexnet, groups=2 in conv2, conv4, conv5): each layer's tower
+# halves stacked along the output axis, tower 0 first. conv3, fc6, fc7 and fc8 already read both towers in that
+# order, so their input axes need no change.
+GROUPED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+
+
+def to_grouped_state_dict(model: AlexNet) -> dict[str, torch.Tensor]:
+    """`conv1`..`fc8` weights and biases in the grouped single-device layout, as CPU tensors."""
+    sd = {}
+    for name in GROUPED_LAYERS:
+        for kind in ("weight", "bias"):
+            sd[f"{name}.{kind}"] = torch.cat(
+                [getattr(getattr(t, name), kind).detach().cpu() for t in model.towers], dim=0)
+    sd["fc8.weight"] = model.fc8.weight.detach().cpu().clone()
+    sd["fc8.bias"] = model.fc8.bias.detach().cpu().clone()
+    return sd
+
+
+@torch.no_grad()
+def load_grouped_state_dict(model: AlexNet, sd: Mapping[str, torch.Tensor]) -> None:
+    """Copy a grouped-layout state dict into the towers, each half onto its tower's device."""
+    expected = {f"{name}.{kind}" for name in (*GROUPED_LAYERS, "fc8") for kind in ("weight", "bias")}
+    if set(sd) != expected:
+        raise ValueError(f"grouped state dict keys differ: missing {sorted(expected - set(sd))}, "
+                         f"unexpected {sorted(set(sd) - expected)}")
+    targets = {f"{name}.{kind}": [getattr(getattr(t, name), kind) for t in model.towers]
+               for name in GROUPED_LAYERS for kind in ("weight", "bias")}
+    targets["fc8.weight"], targets["fc8.bias"] = [model.fc8.weight], [model.fc8.bias]
+    for key, params in targets.items():
+        want = (sum(p.shape[0] for p in params), *params[0].shape[1:])
+        if tuple(sd[key].shape) != want:
+            raise ValueError(f"grouped state dict: {key} has shape {list(sd[key].shape)}, expected {list(want)}")
+        for param, part in zip(params, torch.split(sd[key], params[0].shape[0], dim=0)):
+            param.copy_(part)
