@@ -5,12 +5,12 @@ Only the entry points and this module know about Hydra; `build_model` turns a co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from repro import model as model_lib
 
@@ -27,7 +27,7 @@ class ModelConfig:
     """`preset` sets every option; an option left at null takes the preset's value (see repro/model.py)."""
 
     preset: Preset = Preset.paper
-    num_classes: int = 1000
+    num_classes: Optional[int] = None  # null: the prepared store's class count (1000 for ILSVRC-2012)
     lrn: Optional[bool] = None
     lrn_position: Optional[LrnPosition] = None
     lrn_alpha_over_n: Optional[bool] = None
@@ -41,9 +41,89 @@ class ModelConfig:
     init_bias: Optional[float] = None
 
 
+LightingStyle = Enum("LightingStyle", {v: v for v in ("paper", "cuda_convnet")})
+MeanCrop = Enum("MeanCrop", {v: v for v in ("center", "aligned")})
+ScheduleKind = Enum("ScheduleKind", {v: v for v in ("plateau", "milestones")})
+
+
+@dataclass
+class DataConfig:
+    """The prepared store and the paper's input pipeline (repro/data.py, `Augment`, says what each option does)."""
+
+    store: str = MISSING
+    batch_size: int = 128  # §5
+    workers: int = 2
+    pca_lighting: bool = True  # §4.1
+    pca_std: float = 0.1
+    lighting_style: LightingStyle = LightingStyle.paper
+    mean_crop: MeanCrop = MeanCrop.center
+    crop_chunk: int = 1
+    limit_train: Optional[int] = None  # use a seeded random subset of this many training images (quick looks)
+    limit_val: Optional[int] = None  # likewise for validation; metrics then do not cover the whole split
+
+
+@dataclass
+class OptimConfig:
+    """§5: v <- momentum v - weight_decay lr w - lr grad; w <- w + v."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_biases: bool = True  # the 2012 code decayed weights only
+
+
+@dataclass
+class ScheduleConfig:
+    """`plateau` (§5) or `milestones` (the 2012 run); see repro/optim.py, `Schedule`."""
+
+    kind: ScheduleKind = ScheduleKind.plateau
+    patience: int = 5
+    max_drops: int = 3
+    max_epochs: int = 90
+    milestones: List[int] = field(default_factory=lambda: [25, 51, 79])
+    conv1_slow_epoch: Optional[int] = None
+    conv1_slow_lr: float = 1e-5
+    conv1_freeze_epoch: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. `devices: null` picks what exists (two GPUs, one GPU for both towers,
+    or the CPU); `require_two_gpus` makes a run refuse fewer than two GPUs unless `devices` is set."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    name: str = "run"
+    devices: Optional[List[str]] = None
+    require_two_gpus: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    run_dir: Optional[str] = None  # the entry point fills in Hydra's output folder
+    checkpoint_every: int = 500  # steps between checkpoints (and at every epoch's end)
+    ten_crop_every: int = 0  # epochs between 10-patch evaluations; 0: only at the end
+    eval_batch_size: int = 64  # images per evaluation batch (x10 views with 10 patches)
+    log_every: int = 50  # steps between log lines and loss checks
+    flat_loss_steps: int = 2000  # warn when the loss sits at ln(classes) this many steps
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    store: Optional[str] = None  # default: the store the checkpoint was trained on
+    devices: Optional[List[str]] = None
+    batch_size: int = 64
+    workers: int = 2
+    out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
+
+
 def register_configs() -> None:
     """Make the schemas available to the YAML files under conf/ (`defaults: [schema, _self_]`)."""
-    ConfigStore.instance().store(group="model", name="schema", node=ModelConfig)
+    store = ConfigStore.instance()
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
 
 
 register_configs()

@@ -79,15 +79,30 @@ def resolve_options(preset: str = "paper", **overrides) -> dict:
     return options
 
 
-def local_response_norm(alpha_over_n: bool) -> nn.LocalResponseNorm:
-    """§3.3 across-channel response normalisation, b_i = a_i / (k + alpha * sum_j a_j^2)^beta.
+class LocalResponseNorm(nn.Module):
+    """§3.3 across-channel response normalisation, b_i = a_i / (k + alpha * sum_j a_j^2)^beta, the sum over the
+    n=5 maps centred on i, clipped at the first and last map. Each tower owns its layer, so a window never crosses
+    towers.
 
-    PyTorch's layer computes k + (alpha' / n) * sum, so the paper's formula taken literally is alpha' = n * alpha
-    = 5e-4, and the 2012 code's (which divides its `scale` by n) is alpha' = alpha = 1e-4. Windows are clipped at
-    the first and last channel, as in the paper. Each tower owns its layer, so a window never crosses towers.
+    `alpha_over_n`: the paper's formula taken literally is k + alpha * sum (PyTorch's LocalResponseNorm with
+    alpha=5e-4); the 2012 code divides alpha by n, k + (alpha / n) * sum (PyTorch's alpha=1e-4). The window sums
+    are a 1x1 convolution with a fixed 0/1 band matrix: the same numbers as torch's layer, several times faster
+    than its avg_pool3d on CPUs.
     """
-    alpha = LRN_ALPHA if alpha_over_n else LRN_ALPHA * LRN_SIZE
-    return nn.LocalResponseNorm(LRN_SIZE, alpha=alpha, beta=LRN_BETA, k=LRN_K)
+
+    def __init__(self, channels: int, alpha_over_n: bool):
+        super().__init__()
+        self.alpha = LRN_ALPHA / LRN_SIZE if alpha_over_n else LRN_ALPHA
+        offsets = torch.arange(channels)
+        band = (offsets[:, None] - offsets[None, :]).abs() <= LRN_SIZE // 2
+        self.register_buffer("band", band.float()[:, :, None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window_sums = F.conv2d(x * x, self.band.to(x.dtype))
+        return x / (LRN_K + self.alpha * window_sums).pow(LRN_BETA)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.band.shape[0]}, size={LRN_SIZE}, alpha={self.alpha} on the sum, beta={LRN_BETA}, k={LRN_K}"
 
 
 class SpatialResponseNorm(nn.Module):
@@ -143,8 +158,8 @@ class Tower(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=1 if overlap else 0)
         self.fc6 = nn.Linear(c5 * 6 * 6 * num_towers, f6)
         self.fc7 = nn.Linear(f6 * num_towers, f7)
-        self.lrn1 = local_response_norm(options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
-        self.lrn2 = local_response_norm(options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
+        self.lrn1 = LocalResponseNorm(c1, options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
+        self.lrn2 = LocalResponseNorm(c2, options["lrn_alpha_over_n"]) if options["lrn"] else nn.Identity()
         # lrn=False removes every normalisation layer, the extra spatial one included (the 2012 run #148).
         self.spatial_norm = SpatialResponseNorm() if options["lrn"] and options["spatial_norm"] else nn.Identity()
         # §3.4: overlapping pooling z=3, s=2; the ablation z=2, s=2 (cuda-convnet sizes its outputs with ceil).

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grouped_reference import grouped_forward, lrn_by_formula, spatial_norm_by_formula
-from repro.model import (PRESETS, AlexNet, SpatialResponseNorm, load_grouped_state_dict, local_response_norm,
+from repro.model import (PRESETS, AlexNet, LocalResponseNorm, SpatialResponseNorm, load_grouped_state_dict,
                          resolve_options, to_grouped_state_dict)
 
 CAFFE_SHAPES = {
@@ -233,12 +233,17 @@ def test_one_sgd_step_equals_grouped_reference(preset):
 def test_lrn_matches_the_papers_formula(alpha_over_n, paper_alpha):
     # Large activations so the normaliser matters; 48 channels, as in one tower's conv1.
     a = torch.randn(2, 48, 3, 3, dtype=torch.float64) * 40
+    lrn = LocalResponseNorm(48, alpha_over_n)
     expected = lrn_by_formula(a, groups=1, alpha=paper_alpha)
-    torch.testing.assert_close(local_response_norm(alpha_over_n)(a), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(lrn(a), expected, rtol=1e-12, atol=0)
     # The channel edges by hand: channel 0 sums channels 0..2, channel 47 sums 45..47, channel 10 sums 8..12.
     for c, window in ((0, slice(0, 3)), (47, slice(45, 48)), (10, slice(8, 13))):
         by_hand = a[:, c] / (2 + paper_alpha * (a[:, window] ** 2).sum(1)) ** 0.75
-        torch.testing.assert_close(local_response_norm(alpha_over_n)(a)[:, c], by_hand, rtol=1e-12, atol=0)
+        torch.testing.assert_close(lrn(a)[:, c], by_hand, rtol=1e-12, atol=0)
+    # and PyTorch's own layer, with the alpha each convention implies
+    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4 if alpha_over_n else 5e-4, beta=0.75, k=2.0)
+    torch.testing.assert_close(lrn(a), torch_lrn(a), rtol=1e-12, atol=0)
+    assert LocalResponseNorm(48, alpha_over_n).state_dict() == {}  # nothing learned, nothing saved
 
 
 def test_lrn_stays_within_each_tower():

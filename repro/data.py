@@ -1,0 +1,190 @@
+"""Reading a prepared store and the paper's augmentation, done on the training device as batched tensor ops.
+
+The loader ships uint8 256x256 images (pinned, from worker processes); `Augment` turns them into the network's
+input on the device: a random 224x224 crop and horizontal flip (§4.1), PCA colour noise (§4.1), minus the mean
+image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a batch is the same on
+any device and after any resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
+BORDER = 32  # 256 - 224: offsets 0..32 in each axis (the 2012 code's 33 positions)
+CHUNK = 32  # the 2012 code shared one crop offset and flip among each 32 consecutive images
+
+
+class StoreError(Exception):
+    """A prepared store that is missing, unfinished or inconsistent, explained for the user."""
+
+
+class PreparedStore:
+    """A folder written by `repro.prepare`: per split images.npy/labels.npy, plus stats.npz and manifest.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            hint = ("its preparation did not finish: run the same prepare command again"
+                    if any((self.root / s / "progress.npy").exists() for s in ("train", "val"))
+                    else "prepare one with `make prepare-imagenet RAW=... OUT=...`")
+            raise StoreError(f"{self.root} is not a complete prepared store (no manifest.json); {hint}")
+        self.manifest = json.loads(manifest.read_text())
+        self.classes: list[str] = self.manifest["classes"]
+
+    def split(self, name: str) -> "Split":
+        if name not in self.manifest["splits"]:
+            raise StoreError(f"{self.root} has no {name!r} split (it has {sorted(self.manifest['splits'])})")
+        return Split(self.root / name, self.manifest["splits"][name])
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """The training set's mean image (256x256x3) and RGB eigenvalues/eigenvectors (0-255 scale)."""
+        path = self.root / "stats.npz"
+        if not path.is_file():
+            raise StoreError(f"{path} is missing: the statistics come from the training split; prepare it too")
+        with np.load(path) as stats:
+            return {key: stats[key] for key in stats.files}
+
+
+class Split:
+    """One split's rows: the usable ones are every row but the files the prepare skipped."""
+
+    def __init__(self, folder: Path, info: dict):
+        self.images_path = folder / "images.npy"
+        self.labels = np.load(folder / "labels.npy").astype(np.int64)
+        skipped = {s["row"] for s in info["skipped"]}
+        self.rows = np.array([r for r in range(info["rows"]) if r not in skipped], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Positions 0..num-1 in the order epoch `epoch` visits them: a permutation fixed by (seed, epoch)."""
+    if not shuffle:
+        return np.arange(num)
+    return np.random.default_rng([seed, epoch]).permutation(num)
+
+
+class EpochBatches(Dataset):
+    """Batch k of one epoch's sample order, read from the memory-mapped store (item k = one whole batch)."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool):
+        self.images_path, self.labels, self.batch_size = split.images_path, split.labels, batch_size
+        self.order = split.rows[epoch_order(len(split), seed, epoch, shuffle)]
+        full, rest = divmod(len(self.order), batch_size)
+        self.num_batches = full if drop_last or rest == 0 else full + 1
+        self.images = None  # opened in each worker process, not pickled
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is None:
+            self.images = np.load(self.images_path, mmap_mode="r")
+        rows = self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        by_position = np.argsort(rows)  # read the file front to back, then put the batch back in order
+        batch = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
+        batch[by_position] = self.images[rows[by_position]]
+        return torch.from_numpy(batch), torch.from_numpy(self.labels[rows])
+
+
+def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_step: int = 0,
+            shuffle: bool = True, drop_last: bool = True, workers: int = 2, pin_memory: bool = False,
+            prefetch: int = 4) -> DataLoader:
+    """uint8 batches [B, 256, 256, 3] and int64 labels of epoch `epoch`, starting at batch `start_step` (a resumed
+    run gets exactly the batches an uninterrupted one would have got from that step on). Worker processes read
+    ahead `prefetch` batches each, so loading overlaps with compute."""
+    dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last)
+    return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)), num_workers=workers,
+                      pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
+
+
+def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
+    """The random stream of one training step, independent of device, worker count and resume point."""
+    return np.random.default_rng([seed, epoch, step, 1])
+
+
+class Augment:
+    """The paper's input pipeline on the device, from uint8 [B, 256, 256, 3] to float [B, 3, 224, 224].
+
+    pca_lighting: §4.1 colour noise. Each image gets eigvecs @ (alpha * scale) added to every pixel, with
+        alpha ~ N(0, pca_std) drawn per image per presentation. `eigvals` and `eigvecs` are those of the RGB
+        covariance on the 0-255 scale the network sees.
+    lighting_style: `paper` (§4.1) scales alpha by the eigenvalues. Their scale matters and the paper does not
+        give it: with 0-255 pixel values the formula taken literally adds noise with a std of about 1,800 grey
+        levels, so the eigenvalues are those of pixel values on the [0, 1] scale (lambda_255 / 255^2), and the
+        noise is converted back to 0-255 (x 255). `cuda_convnet` scales alpha by the square roots of the 0-255
+        eigenvalues (the 2012 code's `color_stdevs`, which needs no choice of scale) and divides the training
+        batch by 1 + pca_std afterwards, as that code did.
+    mean_crop: `center` subtracts the mean image's central 224 crop from every crop (the 2012 code); `aligned`
+        the mean under the same crop and flip (Caffe).
+    crop_chunk: 1 draws a crop offset and flip per image; 32 shares them within each 32 consecutive images (the
+        2012 code).
+    """
+
+    def __init__(self, mean_image: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
+                 device: str | torch.device = "cpu", pca_lighting: bool = True, pca_std: float = 0.1,
+                 lighting_style: str = "paper", mean_crop: str = "center", crop_chunk: int = 1):
+        if lighting_style not in ("paper", "cuda_convnet"):
+            raise ValueError(f"lighting_style must be 'paper' or 'cuda_convnet', got {lighting_style!r}")
+        if mean_crop not in ("center", "aligned"):
+            raise ValueError(f"mean_crop must be 'center' or 'aligned', got {mean_crop!r}")
+        if crop_chunk not in (1, CHUNK):
+            raise ValueError(f"crop_chunk must be 1 or {CHUNK}, got {crop_chunk}")
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(mean_image, dtype=torch.float32, device=self.device).permute(2, 0, 1)
+        scale = eigvals / 255.0 if lighting_style == "paper" else np.sqrt(eigvals)  # see the docstring
+        # column i of eigvecs is the i-th eigenvector: noise = eigvecs @ (alpha * scale)
+        self.lighting = torch.as_tensor(eigvecs * scale[None, :], dtype=torch.float32, device=self.device)
+        self.pca_lighting, self.pca_std, self.lighting_style = pca_lighting, pca_std, lighting_style
+        self.mean_crop, self.crop_chunk = mean_crop, crop_chunk
+
+    def draw(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The random parameters of one training batch: crop offsets, flips and lighting alphas."""
+        groups = -(-batch_size // self.crop_chunk)
+        offsets = np.repeat(rng.integers(0, BORDER + 1, size=(groups, 2)), self.crop_chunk, axis=0)[:batch_size]
+        flips = np.repeat(rng.random(groups) < 0.5, self.crop_chunk)[:batch_size]
+        alphas = rng.normal(0.0, self.pca_std, size=(batch_size, 3))
+        return {"offsets": torch.from_numpy(offsets), "flips": torch.from_numpy(flips),
+                "alphas": torch.from_numpy(alphas).float()}
+
+    def train(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """A training batch: random crop and flip, colour noise, minus the mean image."""
+        params = {k: v.to(self.device) for k, v in self.draw(len(images), rng).items()}
+        x = self.crop(images.to(self.device, non_blocking=True), params["offsets"], params["flips"])
+        if self.pca_lighting:
+            x += (params["alphas"] @ self.lighting.T)[:, :, None, None]
+            if self.lighting_style == "cuda_convnet":
+                x /= 1.0 + self.pca_std
+        return x
+
+    def test_views(self, images: torch.Tensor, ten_crop: bool) -> torch.Tensor:
+        """§4.1 test patches, [B * V, 3, 224, 224] ordered image by image: the centre crop (V=1), or the four
+        corner crops and the centre crop and their horizontal reflections (V=10), whose softmaxes are averaged."""
+        corners = [(0, 0), (0, BORDER), (BORDER, 0), (BORDER, BORDER)]
+        positions = corners + [(BORDER // 2, BORDER // 2)] if ten_crop else [(BORDER // 2, BORDER // 2)]
+        views = [(p, flip) for flip in ((False, True) if ten_crop else (False,)) for p in positions]
+        b = len(images)
+        offsets = torch.tensor([p for p, _ in views], device=self.device).repeat(b, 1)
+        flips = torch.tensor([f for _, f in views], device=self.device).repeat(b)
+        source = images.to(self.device, non_blocking=True).repeat_interleave(len(views), dim=0)
+        return self.crop(source, offsets, flips)
+
+    def crop(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Float [B, 3, 224, 224] crops at `offsets` (row, column), mirrored where `flips`, minus the mean."""
+        span = torch.arange(CROP, device=self.device)
+        rows = offsets[:, :1] + span  # [B, 224]
+        cols = offsets[:, 1:] + torch.where(flips[:, None], CROP - 1 - span, span)
+        batch = torch.arange(len(images), device=self.device)[:, None, None]
+        x = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).float()
+        if self.mean_crop == "aligned":
+            return x - self.mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        centre = BORDER // 2
+        return x - self.mean[:, centre:centre + CROP, centre:centre + CROP]

@@ -1,0 +1,80 @@
+"""Top-1/top-5 error on the centre crop or the paper's 10 patches (§4.1), and `repro-eval` (checkpoint -> metrics)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from repro.config import build_model
+from repro.data import Augment, PreparedStore, Split, StoreError, batches
+from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
+
+
+@torch.no_grad()
+def evaluate(model, augment: Augment, split: Split, crops_per_batch: int, ten_crop: bool, workers: int = 0,
+             desc: str | None = None) -> dict:
+    """Error rates in percent over every usable image of `split`. With `ten_crop`, the softmax outputs of the
+    four corner patches, the centre patch and their reflections are averaged (§4.1); else the centre patch alone.
+    The model is left in eval mode (dropout's outputs x0.5, §4.2)."""
+    model.eval()
+    views = 10 if ten_crop else 1
+    wrong1 = wrong5 = count = 0
+    loader = batches(split, max(1, crops_per_batch // views), shuffle=False, drop_last=False, workers=workers)
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=desc is None or None, dynamic_ncols=True):
+        logits = model(augment.test_views(images, ten_crop))
+        probs = logits.float().softmax(dim=-1).view(len(images), views, -1).mean(dim=1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
+        hits = top == labels[:, None]
+        wrong1 += int((~hits[:, 0]).sum())
+        wrong5 += int((~hits.any(dim=1)).sum())
+        count += len(labels)
+    return {"top1_err": 100.0 * wrong1 / count, "top5_err": 100.0 * wrong5 / count, "images": count}
+
+
+def evaluate_checkpoint(cfg) -> dict:
+    """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
+    10 patches, written to a JSON file and returned."""
+    checkpoint = load_checkpoint(Path(cfg.checkpoint))
+    trained = checkpoint["config"]
+    store = PreparedStore(cfg.store or trained["data"]["store"])
+    split, stats = store.split("val"), store.stats()
+    devices = resolve_devices(cfg.devices, require_two_gpus=False)
+    model = build_model(trained["model"], devices)
+    model.load_state_dict(checkpoint["model"])
+    data = trained["data"]
+    augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
+                      lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
+    metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
+               "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
+               "options": model.options}
+    for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
+        result = evaluate(model, augment, split, cfg.batch_size, ten_crop, cfg.workers, desc=f"eval {suffix}")
+        metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"]})
+        metrics["val_images"] = result["images"]
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json"
+    out.write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        try:
+            metrics = evaluate_checkpoint(cfg)
+        except (RunError, StoreError) as error:
+            print(f"repro-eval: error: {error}", file=sys.stderr)
+            sys.exit(1)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "options"}, indent=1))
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Published ILSVRC-2012 validation error rates (percent) that a run is compared with, and where they come from.
+
+Each entry: top-1/top-5 with the centre crop ("1crop") and with the paper's 10 patches ("10crop"); None where the
+source gives no number.
+"""
+
+REFERENCES = [
+    {"name": "paper, Table 2, 1 CNN", "source": "Krizhevsky et al. 2012, Table 2",
+     "top1_err_1crop": None, "top5_err_1crop": None, "top1_err_10crop": 40.7, "top5_err_10crop": 18.2},
+    {"name": "2012 code, run #145 (Table 2's run)", "source": "layer-params-145.cfg notes (multiview)",
+     "top1_err_1crop": None, "top5_err_1crop": None, "top1_err_10crop": 40.664, "top5_err_10crop": 18.210},
+    {"name": "2012 code, run #155", "source": "layer-params notes: centre patch vs multiview",
+     "top1_err_1crop": 42.65, "top5_err_1crop": 19.97, "top1_err_10crop": 40.74, "top5_err_10crop": 18.52},
+    {"name": "Caffe bvlc_alexnet", "source": "BVLC/caffe models/bvlc_alexnet readme (57.1 / 80.2 accuracy)",
+     "top1_err_1crop": 42.9, "top5_err_1crop": 19.8, "top1_err_10crop": None, "top5_err_10crop": None},
+    {"name": "torchvision alexnet (a different, later net)", "source": "IMAGENET1K_V1: acc@1 56.522, acc@5 79.066",
+     "top1_err_1crop": 43.5, "top5_err_1crop": 20.9, "top1_err_10crop": None, "top5_err_10crop": None},
+]
+
+LABELS = {"top1_err_1crop": "top-1 centre", "top5_err_1crop": "top-5 centre",
+          "top1_err_10crop": "top-1 10 patches", "top5_err_10crop": "top-5 10 patches"}
+
+
+def comparison_table(metrics: dict, dataset: str) -> str:
+    """A Markdown table of this run beside the published numbers, with this run's difference from each."""
+
+    def cell(value):
+        return "–" if value is None else f"{value:.2f}"
+
+    def difference(ref):
+        return ", ".join(f"{label} {metrics[k] - ref[k]:+.2f}" for k, label in LABELS.items()
+                         if ref[k] is not None and metrics.get(k) is not None) or "–"
+
+    lines = ["| | " + " | ".join(LABELS.values()) + " | this run minus it |", "|---|---|---|---|---|---|",
+             f"| **this run** ({dataset}) | " + " | ".join(cell(metrics.get(k)) for k in LABELS) + " | |"]
+    for ref in REFERENCES:
+        lines.append(f"| {ref['name']} | " + " | ".join(cell(ref[k]) for k in LABELS) + f" | {difference(ref)} |")
+    lines.append("")
+    lines.append("Error rates in percent on the ILSVRC-2012 validation set (50,000 images) for the published rows. "
+                 + ("" if dataset == "ILSVRC-2012" else
+                    f"This run used {dataset}, so its numbers are not comparable with them."))
+    return "\n".join(lines)

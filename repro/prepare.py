@@ -1,0 +1,415 @@
+"""Prepare ILSVRC-2012 once (§2 of the paper): every image's shorter side resized to 256, the central 256x256
+crop, RGB uint8, into one memory-mapped array per split, with labels, the source of every row and a manifest;
+then the training set's statistics (per-pixel mean image, RGB covariance and its eigen-decomposition, §4.1).
+
+Input, any of: the archives as ImageNet distributes them (`ILSVRC2012_img_train.tar`, a tar of per-class tars;
+`ILSVRC2012_img_val.tar`; `ILSVRC2012_devkit_t12.tar.gz`), or extracted folders (`train/<wnid>/*.JPEG`; `val/`
+flat with the devkit, or `val/<wnid>/`). Images are read straight out of the (uncompressed) tars by byte range,
+so nothing is extracted.
+
+Output (`OUT/`): `<split>/images.npy` (N x 256 x 256 x 3 uint8, memory-mapped), `<split>/labels.npy`
+(sorted-WNID indices, 0 = n01440764), `<split>/sources.tsv` (where each row came from), `<split>/crc32.npy`
+(a checksum per row), `stats.npz`, and `manifest.json`, written last: a store without a manifest is unfinished.
+Killed at any point, the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import platform
+import re
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL
+from PIL import Image
+from tqdm import tqdm
+
+from repro import __version__
+
+SIZE = 256  # §2: "down-sampled the images to a fixed resolution of 256 x 256"
+TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
+WNID = re.compile(r"n\d{8}$")
+RESIZE = Image.Resampling.BILINEAR  # the paper names none; Pillow's bilinear is antialiased when shrinking
+TODO, DONE, BAD = 0, 1, 2  # states of a row in <split>/progress.npy
+
+
+class PrepareError(Exception):
+    """A problem with the input or output folders, explained for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where one image's bytes are: `size` bytes at `offset` in `path` (a file, or a tar read by byte range)."""
+
+    name: str
+    path: str
+    offset: int
+    size: int
+    label: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the input
+
+
+def read_devkit(path: Path) -> tuple[dict[int, str], list[int]]:
+    """The devkit's ILSVRC2012_ID -> WNID map for the 1000 leaf classes, and the validation ground truth (IDs)."""
+    import scipy.io
+
+    def parse(meta_mat: bytes, ground_truth: str):
+        synsets = scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
+        # fields: ILSVRC2012_ID, WNID, words, gloss, num_children, ...; the classes are the leaves
+        id_to_wnid = {int(s[0]): str(s[1]) for s in synsets if int(s[4]) == 0}
+        return id_to_wnid, [int(line) for line in ground_truth.split()]
+
+    meta, truth = "data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt"
+    if path.is_dir():
+        root = path / "ILSVRC2012_devkit_t12" if (path / "ILSVRC2012_devkit_t12").is_dir() else path
+        for needed in (meta, truth):
+            if not (root / needed).is_file():
+                raise PrepareError(f"devkit folder {root} has no {needed}")
+        return parse((root / meta).read_bytes(), (root / truth).read_text())
+    with tarfile.open(path) as tar:
+        members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+        for needed in (meta, truth):
+            if needed not in members:
+                raise PrepareError(f"devkit archive {path} has no ILSVRC2012_devkit_t12/{needed}")
+        return parse(tar.extractfile(members[meta]).read(), tar.extractfile(members[truth]).read().decode())
+
+
+def tar_files(path: Path, fileobj=None, base: int = 0):
+    """(name, absolute byte offset, size) of every regular file in an uncompressed tar."""
+    with tarfile.open(name=None if fileobj else path, fileobj=fileobj, mode="r:") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, base + member.offset_data, member.size
+
+
+def folder_files(folder: Path):
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        yield path, path.stat().st_size
+
+
+def find_devkit(raw: Path) -> Path | None:
+    for candidate in (raw / DEVKIT_TAR, raw / "ILSVRC2012_devkit_t12"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def train_sources(raw: Path, class_index: dict[str, int]) -> tuple[str, list[Source]]:
+    """Every training image, sorted by WNID then file name, labelled through `class_index`."""
+    sources = []
+    if (raw / TRAIN_TAR).is_file():
+        layout, outer_path = f"{TRAIN_TAR} (tar of per-class tars)", raw / TRAIN_TAR
+        with tarfile.open(outer_path, mode="r:") as outer:
+            for member in outer:
+                if not member.isfile():
+                    continue
+                wnid = Path(member.name).name.removesuffix(".tar")
+                if not member.name.endswith(".tar") or not WNID.match(wnid):
+                    raise PrepareError(f"{outer_path}: member {member.name!r} is not a <wnid>.tar class archive")
+                label = class_label(wnid, class_index, f"{outer_path}:{member.name}")
+                for name, offset, size in tar_files(outer_path, outer.extractfile(member), member.offset_data):
+                    sources.append(Source(f"train/{wnid}/{Path(name).name}", str(outer_path), offset, size, label))
+    elif (raw / "train").is_dir():
+        layout = "train/<wnid>/ folders"
+        for folder in sorted(p for p in (raw / "train").iterdir() if p.is_dir()):
+            label = class_label(folder.name, class_index, str(folder))
+            for path, size in folder_files(folder):
+                sources.append(Source(f"train/{folder.name}/{path.name}", str(path), 0, size, label))
+    else:
+        return "absent", []
+    sources.sort(key=lambda s: s.name)
+    return layout, sources
+
+
+def val_sources(raw: Path, class_index: dict[str, int], devkit: tuple | None) -> tuple[str, list[Source]]:
+    """Every validation image, sorted by file name. Flat files get their labels from the devkit's ground truth
+    (line i = ILSVRC2012_ID of ILSVRC2012_val_i.JPEG), converted to sorted-WNID indices."""
+    if (raw / "val").is_dir() and any(p.is_dir() for p in (raw / "val").iterdir()):
+        sources = []
+        for folder in sorted(p for p in (raw / "val").iterdir() if p.is_dir()):
+            label = class_label(folder.name, class_index, str(folder))
+            for path, size in folder_files(folder):
+                sources.append(Source(f"val/{path.name}", str(path), 0, size, label))
+        return "val/<wnid>/ folders", sorted(sources, key=lambda s: s.name)
+    if (raw / VAL_TAR).is_file():
+        layout, files = f"{VAL_TAR} (flat)", [(n, str(raw / VAL_TAR), o, s) for n, o, s in tar_files(raw / VAL_TAR)]
+    elif (raw / "val").is_dir():
+        layout, files = "val/ flat", [(p.name, str(p), 0, s) for p, s in folder_files(raw / "val")]
+    else:
+        return "absent", []
+    if devkit is None:
+        raise PrepareError(f"{raw}: the validation images are flat, so their labels must come from the devkit; "
+                           f"put {DEVKIT_TAR} (or its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
+    id_to_wnid, ground_truth = devkit
+    sources = []
+    for name, path, offset, size in files:
+        match = VAL_NAME.search(name)
+        if not match:
+            raise PrepareError(f"{path}: {name!r} is not named ILSVRC2012_val_NNNNNNNN.JPEG")
+        number = int(match.group(1))
+        if not 1 <= number <= len(ground_truth):
+            raise PrepareError(f"{name}: the devkit ground truth has only {len(ground_truth)} lines")
+        wnid = id_to_wnid[ground_truth[number - 1]]
+        sources.append(Source(f"val/{Path(name).name}", path, offset, size, class_index[wnid]))
+    return layout, sorted(sources, key=lambda s: s.name)
+
+
+def class_label(wnid: str, class_index: dict[str, int], where: str) -> int:
+    if wnid not in class_index:
+        raise PrepareError(f"{where}: {wnid!r} is not one of the {len(class_index)} classes of the devkit")
+    return class_index[wnid]
+
+
+def plan(raw: Path) -> dict:
+    """Find the input, check it, and list every image of every split with its label."""
+    if not raw.is_dir():
+        raise PrepareError(f"{raw} is not a folder")
+    devkit_path = find_devkit(raw)
+    devkit = read_devkit(devkit_path) if devkit_path else None
+    if devkit:
+        classes = sorted(devkit[0].values())
+    elif (raw / "train").is_dir():
+        classes = sorted(p.name for p in (raw / "train").iterdir() if p.is_dir())
+    elif (raw / "val").is_dir():
+        classes = sorted(p.name for p in (raw / "val").iterdir() if p.is_dir())
+    else:
+        classes = []
+    class_index = {wnid: i for i, wnid in enumerate(classes)}
+    train_layout, train = train_sources(raw, class_index)
+    val_layout, val = val_sources(raw, class_index, devkit)
+    if not train and not val:
+        raise PrepareError(f"{raw} holds no ILSVRC-2012 images: expected {TRAIN_TAR} or train/<wnid>/, and/or "
+                           f"{VAL_TAR} or val/ (flat, with {DEVKIT_TAR}) or val/<wnid>/")
+    return {"raw": str(raw.resolve()), "devkit": str(devkit_path) if devkit_path else None, "classes": classes,
+            "splits": {name: {"layout": layout, "sources": sources}
+                       for name, layout, sources in (("train", train_layout, train), ("val", val_layout, val))
+                       if sources}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Converting one image
+
+
+def load_256(data: bytes, draft: bool = True) -> np.ndarray:
+    """Decode any image Pillow reads (PNG under a .JPEG name, CMYK, grayscale included) as RGB, resize its
+    shorter side to 256 and take the central 256x256 crop. Raises on truncated or unreadable data."""
+    with Image.open(io.BytesIO(data)) as image:
+        if draft and image.format == "JPEG":
+            # decode at 1/2, 1/4 or 1/8 scale when the result still has a shorter side of at least 256
+            image.draft("RGB", (SIZE, SIZE))
+        image = image.convert("RGB")  # also forces the full decode, so a truncated file fails here
+    width, height = image.size
+    scale = SIZE / min(width, height)
+    new_size = (max(SIZE, round(width * scale)), max(SIZE, round(height * scale)))
+    image = image.resize(new_size, RESIZE)
+    left, top = (new_size[0] - SIZE) // 2, (new_size[1] - SIZE) // 2
+    return np.asarray(image.crop((left, top, left + SIZE, top + SIZE)))
+
+
+_worker: dict = {}
+
+
+def _open_worker(out: str, split: str, draft: bool) -> None:
+    _worker.update(images=np.load(Path(out, split, "images.npy"), mmap_mode="r+"),
+                   crc=np.load(Path(out, split, "crc32.npy"), mmap_mode="r+"), draft=draft, files={})
+
+
+def _convert_rows(rows: list[tuple[int, str, int, int]]) -> list[tuple[int, str | None]]:
+    """Convert a chunk of rows straight into the store; return (row, error or None) for each."""
+    results = []
+    for row, path, offset, size in rows:
+        try:
+            handle = _worker["files"].get(path) or _worker["files"].setdefault(path, open(path, "rb"))
+            handle.seek(offset)
+            data = handle.read(size)
+            if not data:
+                raise OSError("empty file")
+            pixels = load_256(data, _worker["draft"])
+            _worker["images"][row] = pixels
+            _worker["crc"][row] = zlib.crc32(pixels.tobytes())
+            results.append((row, None))
+        except Exception as error:  # any failure of one file is reported with the others at the end
+            results.append((row, f"{type(error).__name__}: {error}"))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The store
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file and rename, so `path` is either absent or complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def start_split(out: Path, split: str, sources: list[Source]) -> None:
+    """Allocate a split's files once; a rerun finds them and checks they were planned from the same input."""
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    table = "".join(f"{s.name}\t{s.path}\t{s.offset}\t{s.size}\n" for s in sources)
+    if (folder / "progress.npy").is_file():
+        if (folder / "sources.tsv").read_text() != table:
+            raise PrepareError(f"{folder} was started from different input files; prepare into a new folder or "
+                               f"delete {folder}")
+        return
+    atomic_write(folder / "sources.tsv", lambda f: f.write(table.encode()))
+    atomic_write(folder / "labels.npy", lambda f: np.save(f, np.array([s.label for s in sources], np.int16)))
+    np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(sources), SIZE, SIZE, 3)).flush()
+    np.lib.format.open_memmap(folder / "crc32.npy", "w+", np.uint32, (len(sources),)).flush()
+    # last: its presence says the files above are complete
+    atomic_write(folder / "progress.npy", lambda f: np.save(f, np.zeros(len(sources), np.uint8)))
+
+
+def convert_split(out: Path, split: str, sources: list[Source], workers: int, draft: bool,
+                  chunk: int) -> dict[int, str]:
+    """Convert every row not yet done, with `workers` processes; returns {row: error} for the files that failed."""
+    progress = np.load(out / split / "progress.npy", mmap_mode="r+")
+    todo = [(row, s.path, s.offset, s.size) for row, s in enumerate(sources) if progress[row] != DONE]
+    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    errors = {}
+    bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc=f"prepare {split}", unit="img",
+               dynamic_ncols=True, disable=None)
+    with multiprocessing.get_context("spawn").Pool(workers, _open_worker, (str(out), split, draft)) as pool:
+        for results in pool.imap_unordered(_convert_rows, chunks):
+            for row, error in results:
+                progress[row] = BAD if error else DONE
+                if error:
+                    errors[row] = error
+            progress.flush()
+            bar.update(len(results))
+    bar.close()
+    return errors
+
+
+def compute_stats(out: Path, rows: np.ndarray, workers: int, chunk: int = 64) -> dict[str, np.ndarray]:
+    """§4.1 statistics of the training rows: the per-pixel mean image (§2) and the 3x3 covariance of RGB pixel
+    values on the 0-255 scale, with its eigenvalues (descending) and eigenvectors (columns). Exact: float64 sums
+    of integer-valued terms stay exact below 2^53, which 1.28M 256x256 images do not reach."""
+    path = str(out / "train" / "images.npy")
+    parts = [(path, rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
+    image_sum = np.zeros((SIZE, SIZE, 3))
+    pixel_sum, outer_sum = np.zeros(3), np.zeros((3, 3))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for a, b, c in tqdm(pool.imap_unordered(_partial_sums, parts), total=len(parts), desc="statistics",
+                            unit="chunk", dynamic_ncols=True, disable=None):
+            image_sum += a
+            pixel_sum += b
+            outer_sum += c
+    pixels = len(rows) * SIZE * SIZE
+    mean = pixel_sum / pixels
+    cov = outer_sum / pixels - np.outer(mean, mean)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    return {"mean_image": image_sum / len(rows), "pixel_mean": mean, "pixel_cov": cov,
+            "eigvals": eigvals[order], "eigvecs": eigvecs[:, order], "images": np.array(len(rows))}
+
+
+def _partial_sums(part):
+    path, rows = part
+    x = np.load(path, mmap_mode="r")[np.sort(rows)].astype(np.float64)
+    flat = x.reshape(-1, 3)
+    return x.sum(axis=0), flat.sum(axis=0), flat.T @ flat
+
+
+def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = None, draft: bool = True,
+            chunk: int = 32, log=print) -> dict:
+    """Prepare `raw` into `out` (see the module docstring); returns the manifest. Raises PrepareError on bad input,
+    and, unless `skip_bad`, after converting everything else, when some files could not be read."""
+    workers = workers or os.cpu_count() or 1
+    if (out / "manifest.json").is_file():
+        log(f"{out} is already a complete prepared store (manifest.json); nothing to do")
+        return json.loads((out / "manifest.json").read_text())
+    t0 = time.time()
+    log(f"indexing {raw} ...")
+    work = plan(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "repro-prepared-store/1", "repro": __version__, "created": None, "raw": work["raw"],
+                "devkit": work["devkit"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
+                "central 256x256 crop, RGB", "draft": draft, "classes": work["classes"],
+                "versions": {"python": platform.python_version(), "pillow": PIL.__version__,
+                             "numpy": np.__version__}, "splits": {}}
+    all_errors = {}
+    for split, info in work["splits"].items():
+        sources = info["sources"]
+        log(f"{split}: {len(sources)} images ({info['layout']})")
+        start_split(out, split, sources)
+        errors = convert_split(out, split, sources, workers, draft, chunk)
+        all_errors.update({sources[row].name: error for row, error in errors.items()})
+        manifest["splits"][split] = {
+            "layout": info["layout"], "rows": len(sources), "count": len(sources) - len(errors),
+            "skipped": [{"row": row, "file": sources[row].name, "error": errors[row]} for row in sorted(errors)]}
+    if all_errors and not skip_bad:
+        listing = "\n".join(f"  {name}: {error}" for name, error in sorted(all_errors.items()))
+        raise PrepareError(f"{len(all_errors)} file(s) could not be read (everything else is prepared):\n{listing}\n"
+                           "Fix or remove them and run the same command again, or add --skip-bad to leave them "
+                           "out (the manifest records each one).")
+    if "train" in manifest["splits"]:
+        skipped = {s["row"] for s in manifest["splits"]["train"]["skipped"]}
+        rows = np.array([r for r in range(manifest["splits"]["train"]["rows"]) if r not in skipped])
+        log(f"statistics over {len(rows)} training images ...")
+        stats = compute_stats(out, rows, workers)
+        atomic_write(out / "stats.npz", lambda f: np.savez(f, **stats))
+        manifest["stats"] = {"file": "stats.npz", "eigvals": stats["eigvals"].tolist(),
+                             "pixel_mean": stats["pixel_mean"].tolist()}
+    for split in manifest["splits"]:
+        manifest["splits"][split]["sha256"] = {
+            name: sha256(out / split / name) for name in ("labels.npy", "sources.tsv", "crc32.npy")}
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    manifest["seconds"] = round(time.time() - t0, 1)
+    atomic_write(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    for split in manifest["splits"]:
+        (out / split / "progress.npy").unlink()
+    counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
+    log(f"done: {out} ({counts} images, {manifest['seconds']} s)")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="repro-prepare")
+    parser.add_argument("raw", type=Path, help="folder with the ILSVRC-2012 archives or extracted folders")
+    parser.add_argument("out", type=Path, help="folder for the prepared store")
+    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--no-draft", dest="draft", action="store_false",
+                        help="decode large JPEGs at full size (default: Pillow's draft() reduced-size decode)")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:
+        prepare(args.raw, args.out, args.skip_bad, args.workers, args.draft)
+    except PrepareError as error:
+        print(f"prepare: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Training runs: the run folder, exact resume after SIGKILL, clean stops, evaluation and the report."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from repro.runtime import CONF_DIR, RunError
+from repro.train import FlatLossWatch, train
+
+
+def tiny_cfg(store, run_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=["experiment=tiny", f"data.store={store}", f"run_dir={run_dir}",
+                                           *overrides])
+
+
+def repro_train(*args) -> list[str]:
+    return [sys.executable, "-m", "repro.train", *args]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(demo_store, tmp_path_factory):
+    """A finished `experiment=tiny` run, started through the real entry point."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run(repro_train("experiment=tiny", f"data.store={demo_store}", "data.limit_val=null",
+                                        f"hydra.run.dir={run_dir}"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_folder_is_the_record(tiny_run):
+    run_dir, result = tiny_run
+    for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "metrics.json", "report.md"):
+        assert (run_dir / path).is_file(), path
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["epoch"] == 2 and metrics["step"] == 8 and metrics["images_per_s"] > 0
+    assert metrics["preset"] == "paper" and metrics["model_options"]["lrn"] is True
+    assert metrics["data_options"]["batch_size"] == 4 and len(metrics["history"]) == 2
+    log = (run_dir / "train.log").read_text()
+    assert '"torch": "' in log and '"git_commit"' in log and "experiment" not in log.split("config:")[0]
+    assert "batch_size: 4" in log  # the full config
+    assert "paper, Table 2, 1 CNN" in result.stdout  # the comparison table is printed at the end
+
+
+def test_checkpoints_load_with_weights_only_and_hold_everything(tiny_run):
+    run_dir, _ = tiny_run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert set(checkpoint) >= {"model", "optimizer", "schedule", "epoch", "step", "global_step", "rng", "config"}
+    assert checkpoint["global_step"] == 8 and checkpoint["schedule"]["finished"]
+    velocities = [s["velocity"] for s in checkpoint["optimizer"]["state"].values()]
+    assert len(velocities) == len(checkpoint["model"]) and any(v.abs().sum() > 0 for v in velocities)
+    assert checkpoint["config"]["data"]["batch_size"] == 4
+
+
+def test_tensorboard_has_the_promised_tags(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = tiny_run
+    events = EventAccumulator(str(run_dir / "tb")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/top1_err", "lr", "perf/images_per_s", "val/top1_err_1crop",
+            "val/top5_err_1crop", "val/top1_err_10crop_final"} <= scalars
+    assert {"filters/conv1_tower0", "filters/conv1_tower1"} <= set(events.Tags()["images"])
+
+
+def test_eval_entry_point_reproduces_the_final_metrics(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, "-m", "repro.evaluate", f"checkpoint={run_dir}/checkpoints/last.pt",
+                             f"out={out}", "workers=0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated, trained = json.loads(out.read_text()), json.loads((run_dir / "metrics.json").read_text())
+    assert evaluated["val_images"] == trained["val_images"] == 16  # the whole validation split, both times
+    for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop"):
+        assert evaluated[key] == trained[key], key
+    assert evaluated["epoch"] == 2 and evaluated["preset"] == "paper"
+
+
+def test_report_command(tiny_run):
+    run_dir, _ = tiny_run
+    (run_dir / "report.md").unlink()
+    result = subprocess.run([sys.executable, "-c", "import sys; from repro.train import report_main; "
+                             f"sys.exit(report_main([{str(run_dir)!r}]))"], capture_output=True, text=True)
+    assert result.returncode == 0
+    report = (run_dir / "report.md").read_text()
+    assert "| paper, Table 2, 1 CNN | – | – | 40.70 | 18.20 |" in report and "not comparable" in report
+
+
+def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(demo_store, tmp_path):
+    args = ["experiment=tiny", f"data.store={demo_store}", "data.limit_train=24", "schedule.max_epochs=2"]
+    reference = tmp_path / "reference"
+    subprocess.run(repro_train(*args, f"hydra.run.dir={reference}"), check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(3):
+        process = subprocess.Popen(repro_train(*args, f"hydra.run.dir={killed}"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        target = rng.randint(1, 11)  # kill once the log shows at least this global step, at a random moment after
+        log_path, deadline = killed / "train.log", time.time() + 300
+        while process.poll() is None and time.time() < deadline:
+            steps = [int(e) * 6 + int(s) for e, s in
+                     re.findall(r"epoch (\d+) step (\d+)/6", log_path.read_text() if log_path.exists() else "")]
+            if steps and max(steps) >= target:
+                time.sleep(rng.uniform(0.0, 1.5))
+                break
+            time.sleep(0.05)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 2, "the run finished before it could be killed twice"
+    subprocess.run(repro_train(*args, f"hydra.run.dir={killed}"), check=True, capture_output=True, timeout=600)
+    assert "resuming" in (killed / "train.log").read_text()
+
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["velocity"], b["optimizer"]["state"][i]["velocity"])
+    metrics_a = json.loads((reference / "metrics.json").read_text())
+    metrics_b = json.loads((killed / "metrics.json").read_text())
+    for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop", "history"):
+        assert metrics_a[key] == metrics_b[key], key
+
+
+def test_paper_experiment_refuses_one_device_unless_told(demo_store, tmp_path):
+    result = subprocess.run(repro_train("experiment=paper", f"data.store={demo_store}", f"hydra.run.dir={tmp_path}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "needs two GPUs" in result.stderr and "devices=[cpu,cpu]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_store_is_explained(tmp_path):
+    result = subprocess.run(repro_train("experiment=tiny", f"data.store={tmp_path / 'nowhere'}",
+                                        f"hydra.run.dir={tmp_path / 'run'}"), capture_output=True, text=True)
+    assert result.returncode == 1 and "not a complete prepared store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_cleanly_keeping_the_last_good_checkpoint(demo_store, tmp_path):
+    cfg = tiny_cfg(demo_store, tmp_path, "optim.lr=1e12", "checkpoint_every=1", "log_every=1")
+    with pytest.raises(RunError, match="the loss became (nan|inf).*last good checkpoint"):
+        train(cfg)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_resume_refuses_a_different_model(demo_store, tmp_path):
+    train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1"))
+    with pytest.raises(RunError, match="different settings \\(model.lrn"):
+        train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=2", "model.lrn=false"))
+
+
+def test_flat_loss_warning_names_the_cause():
+    watch = FlatLossWatch(classes=1000, patience=2000)
+    assert watch.update(6.9078, 1000) is None
+    assert watch.update(5.0, 1000) is None  # left the plateau: the count starts again
+    assert watch.update(6.90, 1000) is None
+    message = watch.update(6.91, 1000)
+    assert message and "ln(1000)" in message and "init_bias=0.1" in message
+    assert watch.update(6.91, 1000) is None  # once
+
+
+def test_resume_command_composes_the_runs_own_overrides(tiny_run, capsys):
+    from repro.train import resume_main
+
+    run_dir, _ = tiny_run
+    assert resume_main([str(run_dir)]) == 0  # finished already: it reloads, finds the metrics, and reports
+    assert "paper, Table 2, 1 CNN" in capsys.readouterr().out
+    assert resume_main([str(run_dir.parent)]) == 1
+    assert "is not a repro-train run folder" in capsys.readouterr().err
