@@ -223,7 +223,7 @@ def meta_mat(wnids: list[str], devkit_ids: dict[str, int], internal_wnids: list[
         (count + 1, internal_wnids[0], "demo group", group_children, 1),
         (count + 2, internal_wnids[1], "demo root", root_children, 2),
     ]:
-        synsets[synset_id - 1, 0] = (synset_id, wnid, words, f"an internal synset of the demo data", len(children),
+        synsets[synset_id - 1, 0] = (synset_id, wnid, words, "an internal synset of the demo data", len(children),
                                      children, height, 0)
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"synsets": synsets})
@@ -250,11 +250,11 @@ def _write_devkit(path: Path, meta: bytes, ground_truth_ids: list[int]) -> None:
 # The data set
 
 
-def _limit_error(name: str, value, low: int, high: int | None) -> str | None:
-    """Why `value` is not allowed for argument `name` (None if it is)."""
+def _limit_error(value, low: int, high: int | None) -> str | None:
+    """Why `value` is not allowed between these limits (None if it is)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
-        return f"{name} must be an integer {allowed}, got {value!r}"
+        return f"must be an integer {allowed}, got {value!r}"
     return None
 
 
@@ -291,9 +291,9 @@ def make_demo_data(out_dir: str | os.PathLike, num_classes: int = 10, train_per_
     """
     args = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed)
     for name, value in args.items():
-        error = _limit_error(name, value, *LIMITS[name])
+        error = _limit_error(value, *LIMITS[name])
         if error:
-            raise ValueError(error)
+            raise ValueError(f"{name} {error}")
     args["format_version"] = FORMAT_VERSION
 
     out = Path(out_dir)
@@ -359,7 +359,7 @@ def _argument_type(name: str):
             value = int(text)
         except ValueError:
             value = text
-        error = _limit_error("it", value, *LIMITS[name])
+        error = _limit_error(value, *LIMITS[name])
         if error:
             raise argparse.ArgumentTypeError(error)
         return value
@@ -380,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    make_demo_data(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed)
+    try:
+        make_demo_data(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed)
+    except OSError as error:  # the arguments are checked, so this is about writing into --out
+        parser.error(f"argument --out: {error}")
     print(f"{args.out}: demo ILSVRC-2012 with {args.classes} classes, {args.classes * args.train_per_class} train "
           f"and {args.classes * args.val_per_class} validation images, seed {args.seed} "
           f"({time.perf_counter() - start:.1f} s)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import repro
+from repro.prepare import atomic_write
 
 
 # The Hydra configs live beside the package in the source tree (an editable install keeps them there).
@@ -74,13 +75,8 @@ def environment(devices: list[str]) -> dict:
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write through a temporary file and rename: a kill at any moment leaves the previous file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A kill at any moment leaves either the previous file or the new one, never a part of one."""
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: Path) -> dict:
