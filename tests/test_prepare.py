@@ -224,3 +224,22 @@ def test_statistics_match_numpy(demo_store):
         vals, vecs = stats["eigvals"], stats["eigvecs"]
         assert np.all(np.diff(vals) <= 0)
         np.testing.assert_allclose(stats["pixel_cov"] @ vecs, vecs * vals, rtol=1e-9, atol=1e-9)
+
+
+def test_demo_archives_prepare_to_the_labels_the_generator_recorded(demo_raw, demo_store):
+    info = json.loads((demo_raw / "demo_info.json").read_text())
+    manifest = json.loads((demo_store / "manifest.json").read_text())
+    assert manifest["classes"] == info["wnids"]
+    assert manifest["splits"]["train"]["layout"].startswith("ILSVRC2012_img_train.tar")
+    assert manifest["splits"]["val"]["layout"].startswith("ILSVRC2012_img_val.tar")
+    # validation labels come through the devkit (its ID order differs from sorted order)
+    assert np.load(demo_store / "val" / "labels.npy").tolist() == info["val_labels"]
+    train_names = [line.split("\t")[0] for line in (demo_store / "train" / "sources.tsv").read_text().splitlines()]
+    train_labels = np.load(demo_store / "train" / "labels.npy")
+    assert [info["wnids"][label] for label in train_labels] == [name.split("/")[1] for name in train_names]
+    # the truncated file is the one skipped; the CMYK, grayscale and PNG-named files became RGB rows
+    assert [s["file"].split("/")[-1] for s in manifest["splits"]["train"]["skipped"]] == info["truncated"]
+    images = np.load(demo_store / "train" / "images.npy", mmap_mode="r")
+    for name in info["png_as_jpeg"] + [n for n in info["cmyk"] + info["grayscale"] if not n.startswith("ILSVRC")]:
+        row = [n.split("/")[-1] for n in train_names].index(name)
+        assert images[row].std() > 10, name  # a real picture, not an empty row
