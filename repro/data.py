@@ -38,6 +38,13 @@ class PreparedStore:
         self.manifest = json.loads(manifest.read_text())
         self.classes: list[str] = self.manifest["classes"]
 
+    @property
+    def description(self) -> str:
+        """What the store holds, for reports: the demo's made-up WNIDs all start with n9, real ones never do."""
+        if all(wnid.startswith("n9") for wnid in self.classes):
+            return "the demo data"
+        return "ILSVRC-2012" if len(self.classes) == 1000 else f"a {len(self.classes)}-class ImageNet subset"
+
     def split(self, name: str) -> "Split":
         if name not in self.manifest["splits"]:
             raise StoreError(f"{self.root} has no {name!r} split (it has {sorted(self.manifest['splits'])})")

@@ -104,8 +104,7 @@ class Run:
         self.devices = resolve_devices(cfg.devices, cfg.require_two_gpus)
         set_determinism(cfg.deterministic)
         store = PreparedStore(cfg.data.store)
-        self.dataset = "the demo data" if "demo" in str(cfg.data.store) else (
-            "ILSVRC-2012" if len(store.classes) == 1000 else f"a {len(store.classes)}-class store")
+        self.dataset = store.description
         self.train_split = subset(store.split("train"), cfg.data.limit_train, cfg.seed)
         self.val_split = subset(store.split("val"), cfg.data.limit_val, cfg.seed)
         self.steps_per_epoch = len(self.train_split) // cfg.data.batch_size

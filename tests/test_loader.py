@@ -49,6 +49,10 @@ def test_batches_hold_the_stored_images_and_labels(demo_store):
     assert got_labels.tolist() == labels[split.rows[:5]].tolist()
 
 
+def test_store_says_what_it_holds(demo_store):
+    assert PreparedStore(demo_store).description == "the demo data"
+
+
 def test_skipped_rows_are_never_served(demo_store):
     store = PreparedStore(demo_store)
     skipped = [s["row"] for s in store.manifest["splits"]["train"]["skipped"]]
