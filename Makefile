@@ -32,6 +32,7 @@ train: prepare-demo ## the whole job on the demo data: generate, prepare, train,
 
 train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet IMAGENET=/path/to/ilsvrc [STORE=...] [ARGS=...]
 	@test -n "$(IMAGENET)" || { echo "usage: make train-imagenet IMAGENET=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)]" >&2; exit 2; }
+	@case "$(ARGS)" in *devices=*) ;; *) $(BIN)/python -m repro.runtime ;; esac  # two GPUs, before hours of preparation
 	test -f $(STORE)/manifest.json || $(BIN)/repro-prepare $(IMAGENET) $(STORE)
 	$(BIN)/repro-train experiment=paper data.store=$(STORE) $(ARGS)
 

@@ -35,7 +35,10 @@ class PreparedStore:
                     if any((self.root / s / "progress.npy").exists() for s in ("train", "val"))
                     else "prepare one with `make prepare-imagenet RAW=... OUT=...`")
             raise StoreError(f"{self.root} is not a complete prepared store (no manifest.json); {hint}")
-        self.manifest = json.loads(manifest.read_text())
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except ValueError as error:
+            raise StoreError(f"{manifest} is damaged ({error}); prepare the store again") from None
         self.classes: list[str] = self.manifest["classes"]
 
     @property
@@ -113,9 +116,10 @@ def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_
                       pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
 
 
-def step_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
-    """The random stream of one training step, independent of device, worker count and resume point."""
-    return np.random.default_rng([seed, epoch, step, 1])
+def step_rng(seed: int, epoch: int, step: int, stream: int = 1) -> np.random.Generator:
+    """A random stream of one training step (1: augmentation, 2: dropout), independent of device, worker count
+    and resume point."""
+    return np.random.default_rng([seed, epoch, step, stream])
 
 
 class Augment:
@@ -164,7 +168,9 @@ class Augment:
 
     def train(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """A training batch: random crop and flip, colour noise, minus the mean image."""
-        params = {k: v.to(self.device) for k, v in self.draw(len(images), rng).items()}
+        on_gpu = self.device.type == "cuda"  # pinned, so the copy does not make the host wait for the GPU
+        params = {k: (v.pin_memory() if on_gpu else v).to(self.device, non_blocking=on_gpu)
+                  for k, v in self.draw(len(images), rng).items()}
         x = self.crop(images.to(self.device, non_blocking=True), params["offsets"], params["flips"])
         if self.pca_lighting:
             x += (params["alphas"] @ self.lighting.T)[:, :, None, None]

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches
+from repro.prepare import atomic_write
 from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
 
 
@@ -45,7 +46,10 @@ def evaluate_checkpoint(cfg) -> dict:
     split, stats = store.split("val"), store.stats()
     devices = resolve_devices(cfg.devices, require_two_gpus=False)
     model = build_model(trained["model"], devices)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise RunError(f"{cfg.checkpoint} does not fit the network its own config describes: {error}") from None
     data = trained["data"]
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
@@ -57,7 +61,7 @@ def evaluate_checkpoint(cfg) -> dict:
         metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"]})
         metrics["val_images"] = result["images"]
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json"
-    out.write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write(out, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
     return metrics
 
 

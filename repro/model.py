@@ -224,15 +224,23 @@ class AlexNet(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """§5: every weight ~ N(0, 0.01); biases of conv2, conv4, conv5, fc6 and fc7 = 1 (to give the ReLUs
-        positive inputs early on), the rest 0. The 2012 code drew conv3-conv5 with std 0.03."""
+        positive inputs early on), the rest 0. The 2012 code drew conv3-conv5 with std 0.03.
+
+        The values are drawn on the CPU and copied to each tower's device: every GPU's generator starts from the
+        same seed, so drawing on two GPUs would give both towers the same weights, and CPU and GPU generators
+        differ, so a seed now gives the same network on any devices."""
+
+        def normal(param: torch.Tensor, std: float) -> None:
+            param.copy_(torch.randn(param.shape, device="cpu") * std)
+
         deep_std = 0.03 if self.options["init"] == "cuda_convnet" else 0.01
         for tower in self.towers:
             for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
                 layer = getattr(tower, name)
-                layer.weight.normal_(0.0, deep_std if name in ("conv3", "conv4", "conv5") else 0.01)
+                normal(layer.weight, deep_std if name in ("conv3", "conv4", "conv5") else 0.01)
                 layer.bias.fill_(self.options["init_bias"] if name in ("conv2", "conv4", "conv5", "fc6", "fc7")
                                  else 0.0)
-        self.fc8.weight.normal_(0.0, 0.01)
+        normal(self.fc8.weight, 0.01)
         self.fc8.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

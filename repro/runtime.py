@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,3 +88,18 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged or foreign file: say which and why
         raise RunError(f"checkpoint {path} could not be read ({type(error).__name__}: {error})") from None
+
+
+def main() -> int:
+    """`python -m repro.runtime`: say why and exit non-zero when the paper's two GPUs are not there (make
+    train-imagenet runs it before preparing the data)."""
+    try:
+        resolve_devices(None, require_two_gpus=True)
+    except RunError as error:
+        print(f"error: {error} (with make: ARGS='devices=[...]')", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,7 @@ from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_
 from repro.evaluate import evaluate
 from repro.optim import PaperSGD, Schedule, param_groups
 from repro.paper import comparison_table
+from repro.prepare import atomic_write
 from repro.runtime import CONF_DIR, RunError, environment, load_checkpoint, resolve_devices, save_checkpoint, set_determinism
 
 log = logging.getLogger("repro")
@@ -42,6 +43,16 @@ def subset(split: Split, limit: int | None, seed: int) -> Split:
     if limit is not None and limit < len(split):
         split.rows = np.sort(np.random.default_rng([seed, 7]).choice(split.rows, limit, replace=False))
     return split
+
+
+def seed_dropout(value: int, devices: list[str]) -> None:
+    """Seed this step's dropout masks. Each GPU has its own generator and `torch.manual_seed` gives them all the
+    same seed, so towers on two GPUs would drop the same units; each GPU gets a seed of its own instead."""
+    torch.manual_seed(value)
+    for offset, device in enumerate(dict.fromkeys(devices)):
+        if torch.device(device).type == "cuda":
+            with torch.cuda.device(torch.device(device)):
+                torch.cuda.manual_seed(value + offset)
 
 
 def conv1_grids(model) -> list[torch.Tensor]:
@@ -101,6 +112,10 @@ class Run:
         self.dir = Path(cfg.run_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for key in ("data.batch_size", "data.pca_std", "eval_batch_size", "checkpoint_every", "log_every"):
+            value = OmegaConf.select(cfg, key)
+            if value <= 0 and not (key == "data.pca_std" and value == 0):
+                raise RunError(f"{key}={value}: must be positive")
         self.devices = resolve_devices(cfg.devices, cfg.require_two_gpus)
         set_determinism(cfg.deterministic)
         store = PreparedStore(cfg.data.store)
@@ -116,16 +131,19 @@ class Run:
             raise RunError(f"model.num_classes={num_classes} but the store {store.root} has {len(store.classes)}"
                            " classes; leave model.num_classes unset")
         self.record["model"]["num_classes"] = num_classes  # so the checkpoint rebuilds the same network
-        torch.manual_seed(cfg.seed)  # the initial weights (§5) depend on the seed alone
-        self.model = build_model(self.record["model"], self.devices)
+        stats, data = store.stats(), self.record["data"]
+        torch.manual_seed(cfg.seed)  # the initial weights (§5), drawn on the CPU: the same on any devices
+        try:
+            self.model = build_model(self.record["model"], self.devices)
+            self.augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=self.devices[0],
+                                   pca_lighting=data["pca_lighting"], pca_std=data["pca_std"],
+                                   lighting_style=data["lighting_style"], mean_crop=data["mean_crop"],
+                                   crop_chunk=data["crop_chunk"])
+        except ValueError as error:  # an option out of range, named by the model or the augmentation
+            raise RunError(str(error)) from None
         self.optimizer = PaperSGD(param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
                                   lr=cfg.optim.lr, momentum=cfg.optim.momentum)
         self.schedule = Schedule(lr=cfg.optim.lr, **self.record["schedule"])
-        stats, data = store.stats(), self.record["data"]
-        self.augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=self.devices[0],
-                               pca_lighting=data["pca_lighting"], pca_std=data["pca_std"],
-                               lighting_style=data["lighting_style"], mean_crop=data["mean_crop"],
-                               crop_chunk=data["crop_chunk"])
         self.epoch = self.step = self.global_step = 0
         self.best_error = math.inf
         self.history: list[dict] = []
@@ -176,7 +194,8 @@ class Run:
         self.augment.pca_lighting = cfg.data.pca_lighting and self.schedule.colour_noise(self.epoch)
         lr = self.schedule.lr(self.epoch)
         self.model.train()
-        loader = batches(self.train_split, cfg.data.batch_size, cfg.seed, self.epoch, self.step, cfg.data.workers,
+        loader = batches(self.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=self.epoch,
+                         start_step=self.step, workers=cfg.data.workers,
                          pin_memory=self.devices[0].startswith("cuda"))
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch}", unit="step",
                    dynamic_ncols=True, disable=None)
@@ -186,7 +205,7 @@ class Run:
         waited = time.perf_counter()
         for images, labels in loader:
             data_wait += time.perf_counter() - waited
-            torch.manual_seed(int(step_rng(cfg.seed, self.epoch, self.step).integers(2**62)))  # dropout masks
+            seed_dropout(int(step_rng(cfg.seed, self.epoch, self.step, stream=2).integers(2**62)), self.devices)
             x = self.augment.train(images, step_rng(cfg.seed, self.epoch, self.step))
             labels = labels.to(self.devices[0], non_blocking=True)
             logits = self.model(x)
@@ -288,7 +307,8 @@ def _train(cfg: DictConfig) -> dict:
     log.info(f"{len(run.train_split)} training and {len(run.val_split)} validation images, "
              f"{run.steps_per_epoch} steps per epoch, devices {run.devices}")
     timing = {"images": 0, "seconds": 0.0}
-    with SummaryWriter(run.dir / "tb", purge_step=run.global_step if run.resumed else None) as writer:
+    # a resumed run replays everything after its checkpoint at global_step, whose own events are kept
+    with SummaryWriter(run.dir / "tb", purge_step=run.global_step + 1 if run.resumed else None) as writer:
         while not run.schedule.finished:
             run.train_epoch(writer, timing)
             run.end_epoch(writer)
@@ -316,7 +336,7 @@ def _train(cfg: DictConfig) -> dict:
         writer.add_hparams(hparams, {f"hparam/{k}": metrics[k] for k in
                                      ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop")},
                            run_name=".")
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write(metrics_path, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
     write_report(run.dir)
     log.info(f"finished: {json.dumps({k: metrics[k] for k in ('top1_err_1crop', 'top5_err_1crop', 'top1_err_10crop', 'top5_err_10crop')})}")
     return metrics
@@ -331,7 +351,7 @@ def write_report(run_dir: Path) -> str:
     table = comparison_table(metrics, metrics["dataset"])
     text = (f"# {Path(run_dir).name}: {metrics['preset']} preset, epoch {metrics['epoch']}, step {metrics['step']}\n\n"
             f"{table}\n")
-    (Path(run_dir) / "report.md").write_text(text)
+    atomic_write(Path(run_dir) / "report.md", lambda f: f.write(text.encode()))
     return text
 
 

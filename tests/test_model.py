@@ -147,6 +147,34 @@ def test_placement_on_two_fake_gpus(training):
     assert sorted(recorder.copies) == sorted(expected)
 
 
+class RandomOps(TorchDispatchMode):
+    """Records the device of every tensor a random op fills."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "normal" in func.__name__ or "randn" in func.__name__ or "bernoulli" in func.__name__:
+            self.devices.append(str(out.device))
+        return out
+
+
+def test_weights_are_drawn_on_the_cpu_so_two_gpus_get_different_towers():
+    # Each GPU's generator gets the same seed: drawing there would give both towers the same weights.
+    with FakeTensorMode():
+        with RandomOps() as recorder:
+            AlexNet(devices=("cuda:0", "cuda:1"))
+    assert recorder.devices and set(recorder.devices) == {"cpu"}
+    torch.manual_seed(3)
+    a = to_grouped_state_dict(AlexNet())
+    torch.manual_seed(3)
+    b = to_grouped_state_dict(AlexNet())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a seed fixes the network
+    assert not torch.equal(a["conv1.weight"][:48], a["conv1.weight"][48:])  # and the towers differ
+
+
 def test_one_tower_net_lives_on_the_first_device():
     with FakeTensorMode():
         model = AlexNet(devices=("cuda:1", "cuda:0"), towers=1)

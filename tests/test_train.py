@@ -171,6 +171,31 @@ def test_resume_refuses_a_different_model(demo_store, tmp_path):
         train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=2", "model.lrn=false"))
 
 
+@pytest.mark.parametrize("override, message", [("data.batch_size=0", "data.batch_size=0: must be positive"),
+                                               ("model.towers=3", "towers=3 is not one of"),
+                                               ("data.crop_chunk=16", "crop_chunk must be 1 or 32")])
+def test_bad_values_stop_with_a_message(demo_store, tmp_path, override, message):
+    with pytest.raises(RunError, match=message):
+        train(tiny_cfg(demo_store, tmp_path, override))
+
+
+def test_training_batches_are_shuffled_with_the_configured_workers(demo_store, tmp_path, monkeypatch):
+    import inspect
+
+    import repro.train as train_module
+
+    calls, real = [], train_module.batches
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batches", spy)
+    train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1", "data.workers=0"))
+    training = [c for c in calls if c.get("shuffle", True)]
+    assert training and all(c["workers"] == 0 and c["epoch"] == 0 for c in training)
+
+
 def test_flat_loss_warning_names_the_cause():
     watch = FlatLossWatch(classes=1000, patience=2000)
     assert watch.update(6.9078, 1000) is None
