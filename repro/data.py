@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repro.prepare import usable_rows
+
 CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
 BORDER = 32  # 256 - 224: offsets 0..32 in each axis (the 2012 code's 33 positions)
 CHUNK = 32  # the 2012 code shared one crop offset and flip among each 32 consecutive images
@@ -68,8 +70,7 @@ class Split:
     def __init__(self, folder: Path, info: dict):
         self.images_path = folder / "images.npy"
         self.labels = np.load(folder / "labels.npy").astype(np.int64)
-        skipped = {s["row"] for s in info["skipped"]}
-        self.rows = np.array([r for r in range(info["rows"]) if r not in skipped], dtype=np.int64)
+        self.rows = usable_rows(info)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from repro.prepare import write_json
+
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
@@ -346,9 +348,7 @@ def make_demo_data(out_dir: str | os.PathLike, num_classes: int = 10, train_per_
     info = dict(args=args, wnids=wnids, words=[class_name(index) for index in range(num_classes)],
                 devkit_ids=devkit_ids, val_labels=val_labels, grayscale=odd["grayscale"], cmyk=odd["cmyk"],
                 png_as_jpeg=odd["png"], truncated=odd["truncated"])
-    partial_info = out / f"{INFO_JSON}.partial"
-    partial_info.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(partial_info, out / INFO_JSON)  # written last: its presence means the archives are complete
+    write_json(out / INFO_JSON, info)  # written last: its presence means the archives are complete
     return info
 
 

@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches
-from repro.prepare import atomic_write
+from repro.prepare import write_json
 from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
 
 
@@ -37,6 +37,19 @@ def evaluate(model, augment: Augment, split: Split, crops_per_batch: int, ten_cr
     return {"top1_err": 100.0 * wrong1 / count, "top5_err": 100.0 * wrong5 / count, "images": count}
 
 
+def evaluate_views(model, augment: Augment, split: Split, crops_per_batch: int, workers: int = 0,
+                   desc: str | None = None) -> dict:
+    """`top1_err_1crop`, `top5_err_1crop`, `top1_err_10crop`, `top5_err_10crop` and `val_images`: the metrics the
+    paper reports (§6), over the whole split."""
+    metrics = {}
+    for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
+        result = evaluate(model, augment, split, crops_per_batch, ten_crop, workers,
+                          desc=f"{desc} {suffix}" if desc else None)
+        metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"],
+                        "val_images": result["images"]})
+    return metrics
+
+
 def evaluate_checkpoint(cfg) -> dict:
     """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
     10 patches, written to a JSON file and returned."""
@@ -56,12 +69,8 @@ def evaluate_checkpoint(cfg) -> dict:
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
                "options": model.options}
-    for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
-        result = evaluate(model, augment, split, cfg.batch_size, ten_crop, cfg.workers, desc=f"eval {suffix}")
-        metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"]})
-        metrics["val_images"] = result["images"]
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json"
-    atomic_write(out, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
+    metrics.update(evaluate_views(model, augment, split, cfg.batch_size, cfg.workers, desc="eval"))
+    write_json(Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json", metrics)
     return metrics
 
 

@@ -19,6 +19,7 @@ REFERENCES = [
 
 LABELS = {"top1_err_1crop": "top-1 centre", "top5_err_1crop": "top-5 centre",
           "top1_err_10crop": "top-1 10 patches", "top5_err_10crop": "top-5 10 patches"}
+PAPER_METRICS = tuple(LABELS)  # the four numbers every run reports
 
 
 def comparison_table(metrics: dict, dataset: str) -> str:

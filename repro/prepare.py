@@ -262,6 +262,16 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, value) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
+
+
+def usable_rows(split_info: dict) -> np.ndarray:
+    """A split's rows minus the files the prepare skipped (its manifest entry says which)."""
+    skipped = {s["row"] for s in split_info["skipped"]}
+    return np.array([r for r in range(split_info["rows"]) if r not in skipped], dtype=np.int64)
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -372,8 +382,7 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
                            "Fix or remove them and run the same command again, or add --skip-bad to leave them "
                            "out (the manifest records each one).")
     if "train" in manifest["splits"]:
-        skipped = {s["row"] for s in manifest["splits"]["train"]["skipped"]}
-        rows = np.array([r for r in range(manifest["splits"]["train"]["rows"]) if r not in skipped])
+        rows = usable_rows(manifest["splits"]["train"])
         log(f"statistics over {len(rows)} training images ...")
         stats = compute_stats(out, rows, workers)
         atomic_write(out / "stats.npz", lambda f: np.savez(f, **stats))
@@ -384,7 +393,7 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
             name: sha256(out / split / name) for name in ("labels.npy", "sources.tsv", "crc32.npy")}
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["seconds"] = round(time.time() - t0, 1)
-    atomic_write(out / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    write_json(out / "manifest.json", manifest)
     for split in manifest["splits"]:
         (out / split / "progress.npy").unlink()
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_rng
-from repro.evaluate import evaluate
+from repro.evaluate import evaluate, evaluate_views
 from repro.optim import PaperSGD, Schedule, param_groups
-from repro.paper import comparison_table
-from repro.prepare import atomic_write
+from repro.paper import PAPER_METRICS, comparison_table
+from repro.prepare import atomic_write, write_json
 from repro.runtime import CONF_DIR, RunError, environment, load_checkpoint, resolve_devices, save_checkpoint, set_determinism
 
 log = logging.getLogger("repro")
@@ -145,7 +145,6 @@ class Run:
                                   lr=cfg.optim.lr, momentum=cfg.optim.momentum)
         self.schedule = Schedule(lr=cfg.optim.lr, **self.record["schedule"])
         self.epoch = self.step = self.global_step = 0
-        self.best_error = math.inf
         self.history: list[dict] = []
         self.resumed = (self.checkpoints / "last.pt").is_file()
         if self.resumed:
@@ -159,7 +158,7 @@ class Run:
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                "best_error": self.best_error, "history": self.history, "config": self.record,
+                "history": self.history, "config": self.record,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
@@ -181,7 +180,7 @@ class Run:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["schedule"])
         self.epoch, self.step, self.global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
-        self.best_error, self.history = checkpoint["best_error"], checkpoint["history"]
+        self.history = checkpoint["history"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -270,8 +269,7 @@ class Run:
                 writer.add_scalar(f"val/{key}", value, self.global_step)
         for t, grid in enumerate(conv1_grids(self.model)):
             writer.add_image(f"filters/conv1_tower{t}", grid, self.global_step)
-        improved = centre["top1_err"] < self.best_error
-        self.best_error = min(self.best_error, centre["top1_err"])
+        improved = centre["top1_err"] < self.schedule.best_error  # the schedule keeps the best error so far
         self.schedule.end_of_epoch(self.epoch, centre["top1_err"])
         self.history.append(entry)
         log.info(f"epoch {self.epoch} done: val top-1 {centre['top1_err']:.2f}% top-5 {centre['top5_err']:.2f}% "
@@ -315,15 +313,12 @@ def _train(cfg: DictConfig) -> dict:
         metrics_path = run.dir / "metrics.json"
         if metrics_path.is_file():  # finished before; nothing left to do
             return json.loads(metrics_path.read_text())
-        metrics = {}
-        for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
-            result = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, ten_crop, cfg.data.workers,
-                              desc=f"final eval {suffix}")
-            metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"]})
-            writer.add_scalar(f"val/top1_err_{suffix}_final", result["top1_err"], run.global_step)
-            writer.add_scalar(f"val/top5_err_{suffix}_final", result["top5_err"], run.global_step)
+        metrics = evaluate_views(run.model, run.augment, run.val_split, cfg.eval_batch_size, cfg.data.workers,
+                                 desc="final eval")
+        for key in PAPER_METRICS:
+            writer.add_scalar(f"val/{key}_final", metrics[key], run.global_step)
         metrics.update(
-            epoch=run.epoch, step=run.global_step, val_images=len(run.val_split),
+            epoch=run.epoch, step=run.global_step,
             val_complete=cfg.data.limit_val is None, train_images=len(run.train_split), dataset=run.dataset,
             images_per_s=timing["images"] / timing["seconds"] if timing["seconds"] else None,
             preset=run.model.preset, model_options=run.model.options,
@@ -333,12 +328,10 @@ def _train(cfg: DictConfig) -> dict:
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in flatten({"model": run.model.options, "data": metrics["data_options"],
                                         "optim": run.record["optim"], "schedule": run.record["schedule"]}).items()}
-        writer.add_hparams(hparams, {f"hparam/{k}": metrics[k] for k in
-                                     ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop")},
-                           run_name=".")
-    atomic_write(metrics_path, lambda f: f.write((json.dumps(metrics, indent=1) + "\n").encode()))
+        writer.add_hparams(hparams, {f"hparam/{k}": metrics[k] for k in PAPER_METRICS}, run_name=".")
+    write_json(metrics_path, metrics)
     write_report(run.dir)
-    log.info(f"finished: {json.dumps({k: metrics[k] for k in ('top1_err_1crop', 'top5_err_1crop', 'top1_err_10crop', 'top5_err_10crop')})}")
+    log.info(f"finished: {json.dumps({k: metrics[k] for k in PAPER_METRICS})}")
     return metrics
 
 
