@@ -6,10 +6,11 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet eval resume report tb demo-data prepare-demo prepare-imagenet \
-        bench-data clean
+        bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
+comma := ,
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +51,41 @@ report: $(INSTALLED) ## a finished run beside the paper's numbers (report.md): m
 
 tb: $(INSTALLED) ## TensorBoard over every run in runs/ and multirun/
 	$(BIN)/tensorboard --logdir_spec runs:runs,multirun:multirun
+
+# Ablation sweeps (conf/ablation/): each runs the baseline and the variant(s) one after another on the same devices,
+# as one Hydra multirun into SWEEP, then writes its summary. EXPERIMENT=demo or tiny for a quick look; STORE=... to
+# use another prepared store; SEEDS=0,1,2 for repeats; SWEEP=<an earlier sweep folder> to resume it.
+EXPERIMENT ?= paper
+SEEDS ?= 0
+ABLATION_DEPS := $(INSTALLED) $(if $(filter demo tiny,$(EXPERIMENT)),prepare-demo)  # the demo store, made if missing
+define ablate
+	sweep=$(or $(SWEEP),multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)); \
+	$(BIN)/repro-train --multirun experiment=$(EXPERIMENT) name=$(1) ablation=$(2) seed=$(SEEDS) \
+	    $(if $(filter-out file,$(origin STORE)),data.store=$(STORE)) hydra.sweep.dir=$$sweep $(ARGS); status=$$?; \
+	$(BIN)/repro-ablation-report $$sweep && exit $$status
+endef
+
+ablate-lrn: $(ABLATION_DEPS) ## with and without response normalisation (§3.3): make ablate-lrn [EXPERIMENT=demo] [STORE=...]
+	$(call ablate,ablate-lrn,baseline$(comma)no_lrn)
+
+ablate-pool: $(ABLATION_DEPS) ## overlapping 3x3/2 vs 2x2/2 pooling (§3.4)
+	$(call ablate,ablate-pool,baseline$(comma)no_overlap_pool)
+
+ablate-towers: $(ABLATION_DEPS) ## the two-tower net vs the one-GPU net (§3.2)
+	$(call ablate,ablate-towers,baseline$(comma)one_tower)
+
+ablate-pca: $(ABLATION_DEPS) ## with and without PCA colour noise (§4.1)
+	$(call ablate,ablate-pca,baseline$(comma)no_pca)
+
+ablate-dropout: $(ABLATION_DEPS) ## with and without dropout (§4.2)
+	$(call ablate,ablate-dropout,baseline$(comma)no_dropout)
+
+ablations: $(ABLATION_DEPS) ## all five ablations in one sweep with one shared baseline (6 runs)
+	$(call ablate,ablations,baseline$(comma)no_lrn$(comma)no_overlap_pool$(comma)one_tower$(comma)no_pca$(comma)no_dropout)
+
+ablation-report: $(INSTALLED) ## summary.md/.json/.png of a sweep: make ablation-report SWEEP=multirun/<name>/<time>
+	@test -n "$(SWEEP)" || { echo "usage: make ablation-report SWEEP=<sweep folder, e.g. multirun/ablations/2026-...>" >&2; exit 2; }
+	$(BIN)/repro-ablation-report $(SWEEP)
 
 demo-data: $(INSTALLED) ## write the synthetic demo set (ILSVRC-2012 layout) to data/demo/raw
 	$(BIN)/repro-demo-data --out $(DEMO_RAW)

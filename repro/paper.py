@@ -41,3 +41,25 @@ def comparison_table(metrics: dict, dataset: str) -> str:
                  + ("" if dataset == "ILSVRC-2012" else
                     f"This run used {dataset}, so its numbers are not comparable with them."))
     return "\n".join(lines)
+
+
+# The paper's ablations (conf/ablation/NAME.yaml): what each changes from the full network, and the effect the paper
+# states, as the variant's error minus the full network's, in points (ILSVRC-2012 validation, 10 patches, unless the
+# note says otherwise). None where the paper gives no number.
+ABLATIONS = {
+    "no_lrn": {"title": "response normalisation (§3.3)", "changes": {"model.lrn": False},
+               "top1": 1.4, "top5": 1.2, "paper": "+1.4 / +1.2",
+               "note": "2012 run #148, every normalisation layer removed: 42.03 / 19.36 vs 40.66 / 18.21"},
+    "no_overlap_pool": {"title": "overlapping pooling (§3.4)", "changes": {"model.overlap_pool": False},
+                        "top1": 0.4, "top5": 0.3, "paper": "+0.4 / +0.3",
+                        "note": "2012 run #147, 2x2/2 pooling: 41.06 / 18.51"},
+    "one_tower": {"title": "two towers vs the one-GPU net (§3.2)", "changes": {"model.towers": 1},
+                  "top1": 1.7, "top5": 1.2, "paper": "+1.7 / +1.2",
+                  "note": "measured on ILSVRC-2010 test: 39.17 / 18.23 vs 37.47 / 17.00"},
+    "no_pca": {"title": "PCA colour noise (§4.1)", "changes": {"data.pca_lighting": False},
+               "top1": 1.0, "top5": None, "paper": "more than +1 top-1",
+               "note": "\"reduces the top-1 error rate by over 1%\": a lower bound"},
+    "no_dropout": {"title": "dropout (§4.2)", "changes": {"model.dropout": False},
+                   "top1": None, "top5": None, "paper": "no number",
+                   "note": "\"Without dropout, our network exhibits substantial overfitting\""},
+}

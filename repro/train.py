@@ -284,13 +284,17 @@ def train(cfg: DictConfig) -> dict:
     metrics.json). Raises RunError or StoreError with an explanation when something must be fixed first."""
     if not cfg.run_dir:
         raise RunError("run_dir is not set (the repro-train entry point sets it to Hydra's output folder)")
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    handler = attach_log_file(Path(cfg.run_dir) / "train.log")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failed.json").unlink(missing_ok=True)  # from an earlier attempt that this one replaces
+    handler = attach_log_file(run_dir / "train.log")
     try:
         return _train(cfg)
-    except (RunError, StoreError) as error:
-        handler.handle(logging.makeLogRecord({"msg": f"stopped: {error}", "levelno": logging.ERROR,
+    except Exception as error:
+        message = str(error) if isinstance(error, (RunError, StoreError)) else f"{type(error).__name__}: {error}"
+        handler.handle(logging.makeLogRecord({"msg": f"stopped: {message}", "levelno": logging.ERROR,
                                               "levelname": "ERROR", "name": log.name}))
+        write_json(run_dir / "failed.json", {"error": message})  # what a sweep's summary reports for this job
         raise
     finally:
         log.removeHandler(handler)
@@ -351,6 +355,7 @@ def write_report(run_dir: Path) -> str:
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
     def run(cfg: DictConfig) -> float:
@@ -360,6 +365,8 @@ def main() -> None:
             metrics = train(cfg)
         except (RunError, StoreError) as error:
             print(f"repro-train: error: {error}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # Hydra marks the job failed and goes on with the sweep's other jobs (an exit would stop them)
             sys.exit(1)
         print(write_report(cfg.run_dir))
         return metrics["top1_err_10crop"]
