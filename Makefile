@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all train train-imagenet eval resume report tb demo-data prepare-demo prepare-imagenet \
+.PHONY: help install test test-all train train-imagenet eval resume report figures tb demo-data prepare-demo prepare-imagenet \
         bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
@@ -48,6 +48,10 @@ resume: $(INSTALLED) ## continue a run from its last checkpoint: make resume RUN
 report: $(INSTALLED) ## a finished run beside the paper's numbers (report.md): make report RUN=runs/<name>/<time>
 	@test -n "$(RUN)" || { echo "usage: make report RUN=<run folder>" >&2; exit 2; }
 	$(BIN)/repro-report $(RUN)
+
+figures: $(INSTALLED) ## the paper's Figures 3 and 4 into RUN/figures/: make figures RUN=runs/<name>/<time> [ARGS=...]
+	@test -n "$(RUN)" || { echo "usage: make figures RUN=<run folder or checkpoint> [ARGS='--which conv1,neighbours,top5 --queries N --devices cpu,cpu']" >&2; exit 2; }
+	$(BIN)/repro-figures $(RUN) $(ARGS)
 
 tb: $(INSTALLED) ## TensorBoard over every run in runs/ and multirun/
 	$(BIN)/tensorboard --logdir_spec runs:runs,multirun:multirun

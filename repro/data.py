@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repro.prepare import usable_rows
+from repro.prepare import read_devkit, usable_rows
 
 CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
 BORDER = 32  # 256 - 224: offsets 0..32 in each axis (the 2012 code's 33 positions)
@@ -49,6 +49,19 @@ class PreparedStore:
         if all(wnid.startswith("n9") for wnid in self.classes):
             return "the demo data"
         return "ILSVRC-2012" if len(self.classes) == 1000 else f"a {len(self.classes)}-class ImageNet subset"
+
+    @property
+    def class_names(self) -> list[str]:
+        """Each class's devkit `words` ("tench, Tinca tinca"), in label order. Stores prepared before the names
+        were recorded read them from their devkit if it is still there; stores without a devkit (class folders
+        only) have their WNIDs."""
+        if self.manifest.get("class_names"):
+            return self.manifest["class_names"]
+        devkit = self.manifest.get("devkit")
+        if devkit and Path(devkit).exists():
+            words = read_devkit(Path(devkit))[2]
+            return [words.get(wnid, wnid) for wnid in self.classes]
+        return list(self.classes)
 
     def split(self, name: str) -> "Split":
         if name not in self.manifest["splits"]:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches
+from repro.model import AlexNet
 from repro.prepare import write_json
 from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
 
@@ -50,22 +51,30 @@ def evaluate_views(model, augment: Augment, split: Split, crops_per_batch: int, 
     return metrics
 
 
-def evaluate_checkpoint(cfg) -> dict:
-    """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
-    10 patches, written to a JSON file and returned."""
-    checkpoint = load_checkpoint(Path(cfg.checkpoint))
+def load_trained(checkpoint_path, store=None, devices=None) -> tuple[dict, AlexNet, PreparedStore, Augment]:
+    """A checkpoint, its network on `devices` (default: what exists), the store it was trained on (or `store`),
+    and the test-time input pipeline with the run's own mean-image settings."""
+    checkpoint = load_checkpoint(Path(checkpoint_path))
     trained = checkpoint["config"]
-    store = PreparedStore(cfg.store or trained["data"]["store"])
-    split, stats = store.split("val"), store.stats()
-    devices = resolve_devices(cfg.devices, require_two_gpus=False)
+    store = PreparedStore(store or trained["data"]["store"])
+    stats = store.stats()
+    devices = resolve_devices(devices, require_two_gpus=False)
     model = build_model(trained["model"], devices)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        raise RunError(f"{cfg.checkpoint} does not fit the network its own config describes: {error}") from None
+        raise RunError(f"{checkpoint_path} does not fit the network its own config describes: {error}") from None
     data = trained["data"]
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
+    return checkpoint, model, store, augment
+
+
+def evaluate_checkpoint(cfg) -> dict:
+    """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
+    10 patches, written to a JSON file and returned."""
+    checkpoint, model, store, augment = load_trained(cfg.checkpoint, cfg.store, cfg.devices)
+    trained, split = checkpoint["config"], store.split("val")
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
                "options": model.options}

@@ -64,15 +64,17 @@ class Source:
 # Reading the input
 
 
-def read_devkit(path: Path) -> tuple[dict[int, str], list[int]]:
-    """The devkit's ILSVRC2012_ID -> WNID map for the 1000 leaf classes, and the validation ground truth (IDs)."""
+def read_devkit(path: Path) -> tuple[dict[int, str], list[int], dict[str, str]]:
+    """The devkit's ILSVRC2012_ID -> WNID map for the 1000 leaf classes, the validation ground truth (IDs), and
+    each class's `words` (WNID -> e.g. "tench, Tinca tinca")."""
     import scipy.io
 
     def parse(meta_mat: bytes, ground_truth: str):
         synsets = scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
         # fields: ILSVRC2012_ID, WNID, words, gloss, num_children, ...; the classes are the leaves
-        id_to_wnid = {int(s[0]): str(s[1]) for s in synsets if int(s[4]) == 0}
-        return id_to_wnid, [int(line) for line in ground_truth.split()]
+        leaves = [s for s in synsets if int(s[4]) == 0]
+        id_to_wnid = {int(s[0]): str(s[1]) for s in leaves}
+        return id_to_wnid, [int(line) for line in ground_truth.split()], {str(s[1]): str(s[2]) for s in leaves}
 
     meta, truth = "data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt"
     if path.is_dir():
@@ -155,7 +157,7 @@ def val_sources(raw: Path, class_index: dict[str, int], devkit: tuple | None) ->
     if devkit is None:
         raise PrepareError(f"{raw}: the validation images are flat, so their labels must come from the devkit; "
                            f"put {DEVKIT_TAR} (or its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
-    id_to_wnid, ground_truth = devkit
+    id_to_wnid, ground_truth, _ = devkit
     sources = []
     for name, path, offset, size in files:
         match = VAL_NAME.search(name)
@@ -196,6 +198,7 @@ def plan(raw: Path) -> dict:
         raise PrepareError(f"{raw} holds no ILSVRC-2012 images: expected {TRAIN_TAR} or train/<wnid>/, and/or "
                            f"{VAL_TAR} or val/ (flat, with {DEVKIT_TAR}) or val/<wnid>/")
     return {"raw": str(raw.resolve()), "devkit": str(devkit_path) if devkit_path else None, "classes": classes,
+            "class_names": [devkit[2][wnid] for wnid in classes] if devkit else None,
             "splits": {name: {"layout": layout, "sources": sources}
                        for name, layout, sources in (("train", train_layout, train), ("val", val_layout, val))
                        if sources}}
@@ -364,6 +367,7 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     manifest = {"format": "repro-prepared-store/1", "repro": __version__, "created": None, "raw": work["raw"],
                 "devkit": work["devkit"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
                 "central 256x256 crop, RGB", "draft": draft, "classes": work["classes"],
+                "class_names": work["class_names"],
                 "versions": {"python": platform.python_version(), "pillow": PIL.__version__,
                              "numpy": np.__version__}, "splits": {}}
     all_errors = {}

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_rng
 from repro.evaluate import evaluate, evaluate_views
+from repro.figures import conv1_colour, conv1_grids
 from repro.optim import PaperSGD, Schedule, param_groups
 from repro.paper import PAPER_METRICS, comparison_table
 from repro.prepare import atomic_write, write_json
@@ -53,12 +53,6 @@ def seed_dropout(value: int, devices: list[str]) -> None:
         if torch.device(device).type == "cuda":
             with torch.cuda.device(torch.device(device)):
                 torch.cuda.manual_seed(value + offset)
-
-
-def conv1_grids(model) -> list[torch.Tensor]:
-    """Each tower's conv1 kernels as an image, each kernel contrast-stretched on its own (the paper's Figure 3)."""
-    return [make_grid(tower.conv1.weight.detach().float().cpu(), nrow=8, padding=1, normalize=True,
-                      scale_each=True) for tower in model.towers]
 
 
 def attach_log_file(path: Path) -> logging.Handler:
@@ -267,8 +261,9 @@ class Run:
         for key, value in entry.items():
             if key.startswith("top"):
                 writer.add_scalar(f"val/{key}", value, self.global_step)
-        for t, grid in enumerate(conv1_grids(self.model)):
-            writer.add_image(f"filters/conv1_tower{t}", grid, self.global_step)
+        for t, (grid, colour) in enumerate(zip(conv1_grids(self.model), conv1_colour(self.model))):
+            writer.add_image(f"filters/conv1_tower{t}", grid, self.global_step)  # the paper's Figure 3
+            writer.add_scalar(f"filters/conv1_colour_specificity_tower{t}", colour, self.global_step)
         improved = centre["top1_err"] < self.schedule.best_error  # the schedule keeps the best error so far
         self.schedule.end_of_epoch(self.epoch, centre["top1_err"])
         self.history.append(entry)

@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +25,15 @@ def demo_store(demo_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_store")
     prepare(demo_raw, out, skip_bad=True, workers=2, log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_store, tmp_path_factory):
+    """A finished `experiment=tiny` run on `demo_store`, started through the real entry point: (run folder, the
+    finished process)."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run([sys.executable, "-m", "repro.train", "experiment=tiny", f"data.store={demo_store}",
+                             "data.limit_val=null", f"hydra.run.dir={run_dir}"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result

@@ -36,7 +36,8 @@ def test_layout_is_ilsvrc_2012s(demo_raw):
 
 def test_devkit_ids_differ_from_sorted_order_and_label_the_val_files(demo_raw):
     info = json.loads((demo_raw / "demo_info.json").read_text())
-    id_to_wnid, ground_truth = read_devkit(demo_raw / "ILSVRC2012_devkit_t12.tar.gz")
+    id_to_wnid, ground_truth, words = read_devkit(demo_raw / "ILSVRC2012_devkit_t12.tar.gz")
+    assert [words[wnid] for wnid in info["wnids"]] == info["words"]
     assert sorted(id_to_wnid.values()) == info["wnids"] and sorted(id_to_wnid) == [1, 2, 3, 4]
     assert id_to_wnid[1] != info["wnids"][0]  # ID order is not sorted-WNID order
     assert [info["wnids"].index(id_to_wnid[i]) for i in ground_truth] == info["val_labels"]

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from devkit import write_devkit
+from repro.data import PreparedStore
 from repro.prepare import PrepareError, load_256, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -149,6 +150,8 @@ def test_labels_follow_sorted_wnids_not_folder_order(tmp_path):
     manifest = prepare(raw, tmp_path / "out", workers=1, log=lambda *a: None)
     assert manifest["classes"] == ["n00000001", "n00000002"]
     assert np.load(tmp_path / "out" / "train" / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    # no devkit, so no names: the store names its classes by WNID
+    assert manifest["class_names"] is None and PreparedStore(tmp_path / "out").class_names == manifest["classes"]
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -229,7 +232,7 @@ def test_statistics_match_numpy(demo_store):
 def test_demo_archives_prepare_to_the_labels_the_generator_recorded(demo_raw, demo_store):
     info = json.loads((demo_raw / "demo_info.json").read_text())
     manifest = json.loads((demo_store / "manifest.json").read_text())
-    assert manifest["classes"] == info["wnids"]
+    assert manifest["classes"] == info["wnids"] and manifest["class_names"] == info["words"]  # the devkit's words
     assert manifest["splits"]["train"]["layout"].startswith("ILSVRC2012_img_train.tar")
     assert manifest["splits"]["val"]["layout"].startswith("ILSVRC2012_img_val.tar")
     # validation labels come through the devkit (its ID order differs from sorted order)

@@ -27,17 +27,6 @@ def repro_train(*args) -> list[str]:
     return [sys.executable, "-m", "repro.train", *args]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(demo_store, tmp_path_factory):
-    """A finished `experiment=tiny` run, started through the real entry point."""
-    run_dir = tmp_path_factory.mktemp("tiny_run")
-    result = subprocess.run(repro_train("experiment=tiny", f"data.store={demo_store}", "data.limit_val=null",
-                                        f"hydra.run.dir={run_dir}"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
-
-
 def test_run_folder_is_the_record(tiny_run):
     run_dir, result = tiny_run
     for path in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "checkpoints/last.pt",
@@ -73,7 +62,8 @@ def test_tensorboard_has_the_promised_tags(tiny_run):
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/top1_err", "lr", "perf/images_per_s", "val/top1_err_1crop",
-            "val/top5_err_1crop", "val/top1_err_10crop_final"} <= scalars
+            "val/top5_err_1crop", "val/top1_err_10crop_final", "filters/conv1_colour_specificity_tower0",
+            "filters/conv1_colour_specificity_tower1"} <= scalars
     assert {"filters/conv1_tower0", "filters/conv1_tower1"} <= set(events.Tags()["images"])
 
 
