@@ -5,12 +5,17 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-all train train-imagenet eval resume report figures tb demo-data prepare-demo prepare-imagenet \
-        bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations ablation-report
+.PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
+        prepare-imagenet bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
+        ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
 comma := ,
+NPROC ?= 1
+NNODES ?= 1
+RDZV ?=
+RDZV_ID ?= repro
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +41,11 @@ train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet IM
 	@case "$(ARGS)" in *devices=*) ;; *) $(BIN)/python -m repro.runtime ;; esac  # two GPUs, before hours of preparation
 	test -f $(STORE)/manifest.json || $(BIN)/repro-prepare $(IMAGENET) $(STORE)
 	$(BIN)/repro-train experiment=paper data.store=$(STORE) $(ARGS)
+
+train-ddp: $(INSTALLED) ## DDP, one process per GPU pair: make train-ddp NPROC=2 [NNODES=2 RDZV=host:port] ARGS='experiment=paper data.store=...'
+	@test -n "$(ARGS)" || { echo "usage: make train-ddp NPROC=<processes per node, each with two GPUs> [NNODES=<nodes> RDZV=<host:port of node 0>] ARGS='experiment=... data.store=... [hydra.run.dir=...]'" >&2; exit 2; }
+	$(BIN)/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) \
+	  $(if $(RDZV),--rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id $(RDZV_ID),--standalone) -m repro.train $(ARGS)
 
 eval: $(INSTALLED) ## evaluate a checkpoint (centre crop and 10 patches): make eval CKPT=runs/.../checkpoints/best.pt
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint> [ARGS='store=... devices=[cpu,cpu]']" >&2; exit 2; }

@@ -106,6 +106,7 @@ class TrainConfig:
     eval_batch_size: int = 64  # images per evaluation batch (x10 views with 10 patches)
     log_every: int = 50  # steps between log lines and loss checks
     flat_loss_steps: int = 2000  # warn when the loss sits at ln(classes) this many steps
+    dist_backend: Optional[str] = None  # torchrun only; null: gloo for CPU tensors, NCCL for CUDA ones
 
 
 @dataclass

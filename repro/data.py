@@ -8,6 +8,7 @@ any device and after any resume.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -88,6 +89,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def part(self, index: int, parts: int) -> "Split":
+        """Contiguous share `index` of `parts` of the rows (one rank's share of the validation images)."""
+        share = copy.copy(self)
+        share.rows = np.array_split(self.rows, parts)[index]
+        return share
+
 
 def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """Positions 0..num-1 in the order epoch `epoch` visits them: a permutation fixed by (seed, epoch)."""
@@ -97,10 +104,13 @@ def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 class EpochBatches(Dataset):
-    """Batch k of one epoch's sample order, read from the memory-mapped store (item k = one whole batch)."""
+    """Batch k of one epoch's sample order, read from the memory-mapped store (item k = one whole batch, or with
+    `shard=(index, parts)` slice `index` of `parts` of it: one rank's share of a global batch)."""
 
-    def __init__(self, split: Split, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool):
+    def __init__(self, split: Split, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
+                 shard: tuple[int, int] = (0, 1)):
         self.images_path, self.labels, self.batch_size = split.images_path, split.labels, batch_size
+        self.shard = shard
         self.order = split.rows[epoch_order(len(split), seed, epoch, shuffle)]
         full, rest = divmod(len(self.order), batch_size)
         self.num_batches = full if drop_last or rest == 0 else full + 1
@@ -112,7 +122,8 @@ class EpochBatches(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.images is None:
             self.images = np.load(self.images_path, mmap_mode="r")
-        rows = self.order[k * self.batch_size:(k + 1) * self.batch_size]
+        index, parts = self.shard
+        rows = np.array_split(self.order[k * self.batch_size:(k + 1) * self.batch_size], parts)[index]
         by_position = np.argsort(rows)  # read the file front to back, then put the batch back in order
         batch = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
         batch[by_position] = self.images[rows[by_position]]
@@ -121,11 +132,13 @@ class EpochBatches(Dataset):
 
 def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_step: int = 0,
             shuffle: bool = True, drop_last: bool = True, workers: int = 2, pin_memory: bool = False,
-            prefetch: int = 4) -> DataLoader:
+            prefetch: int = 4, shard: tuple[int, int] = (0, 1)) -> DataLoader:
     """uint8 batches [B, 256, 256, 3] and int64 labels of epoch `epoch`, starting at batch `start_step` (a resumed
     run gets exactly the batches an uninterrupted one would have got from that step on). Worker processes read
-    ahead `prefetch` batches each, so loading overlaps with compute."""
-    dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last)
+    ahead `prefetch` batches each, so loading overlaps with compute. With `shard=(rank, ranks)` each batch is
+    that rank's slice of the global batch of `batch_size`: every rank draws the same epoch order, so the ranks'
+    slices of step s together are exactly the one-process batch of step s."""
+    dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last, shard)
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)), num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
 
@@ -180,11 +193,15 @@ class Augment:
         return {"offsets": torch.from_numpy(offsets), "flips": torch.from_numpy(flips),
                 "alphas": torch.from_numpy(alphas).float()}
 
-    def train(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """A training batch: random crop and flip, colour noise, minus the mean image."""
+    def train(self, images: torch.Tensor, rng: np.random.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """A training batch: random crop and flip, colour noise, minus the mean image. With `shard=(rank, ranks)`
+        `images` is that rank's slice of the global batch and gets the draws of its own images in that batch,
+        so the ranks together augment exactly as one process would."""
         on_gpu = self.device.type == "cuda"  # pinned, so the copy does not make the host wait for the GPU
-        params = {k: (v.pin_memory() if on_gpu else v).to(self.device, non_blocking=on_gpu)
-                  for k, v in self.draw(len(images), rng).items()}
+        index, parts = shard
+        mine = slice(index * len(images), (index + 1) * len(images))
+        params = {k: (v[mine].pin_memory() if on_gpu else v[mine]).to(self.device, non_blocking=on_gpu)
+                  for k, v in self.draw(len(images) * parts, rng).items()}
         x = self.crop(images.to(self.device, non_blocking=True), params["offsets"], params["flips"])
         if self.pca_lighting:
             x += (params["alphas"] @ self.lighting.T)[:, :, None, None]

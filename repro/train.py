@@ -4,7 +4,9 @@
 The run folder is the record: `.hydra/` (config), `train.log`, `tb/` (TensorBoard), `checkpoints/last.pt` and
 `best.pt`, `metrics.json`, `report.md`. Running the same command with the same `hydra.run.dir` resumes from
 `last.pt`; with `deterministic=true` a resumed run ends with exactly the weights of an uninterrupted one, because
-every random draw of a step (crop, flip, colour noise, dropout) is seeded by (seed, epoch, step).
+every random draw of a step (crop, flip, colour noise, dropout) is seeded by (seed, epoch, step). Under torchrun
+every process runs `train`, each on its slice of the global batch, with DDP (repro/distributed.py); rank 0 alone
+writes the run folder.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from tqdm import tqdm
 
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_rng
+from repro.distributed import World
 from repro.evaluate import evaluate, evaluate_views
 from repro.figures import conv1_colour, conv1_grids
 from repro.optim import PaperSGD, Schedule, param_groups
 from repro.paper import PAPER_METRICS, comparison_table
 from repro.prepare import atomic_write, write_json
-from repro.runtime import CONF_DIR, RunError, environment, load_checkpoint, resolve_devices, save_checkpoint, set_determinism
+from repro.runtime import CONF_DIR, RunError, environment, load_checkpoint, save_checkpoint, set_determinism
 
 log = logging.getLogger("repro")
 
@@ -68,6 +71,19 @@ def attach_log_file(path: Path) -> logging.Handler:
     return handler
 
 
+class NoWriter:
+    """What ranks other than 0 get instead of a SummaryWriter: the same calls, and no files."""
+
+    def __enter__(self) -> "NoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -100,17 +116,21 @@ class FlatLossWatch:
 class Run:
     """The state of one training run, and the steps that change it."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig, world: World = World()):
+        self.cfg, self.world = cfg, world
         self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.dir = Path(cfg.run_dir)
         self.checkpoints = self.dir / "checkpoints"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
         for key in ("data.batch_size", "data.pca_std", "eval_batch_size", "checkpoint_every", "log_every"):
             value = OmegaConf.select(cfg, key)
             if value <= 0 and not (key == "data.pca_std" and value == 0):
                 raise RunError(f"{key}={value}: must be positive")
-        self.devices = resolve_devices(cfg.devices, cfg.require_two_gpus)
+        self.local_batch = world.local_batch(cfg.data.batch_size)
+        self.devices = world.devices(cfg.devices, cfg.require_two_gpus)
+        if world.launched and self.devices[0].startswith("cuda"):
+            torch.cuda.set_device(self.devices[0])  # NCCL's own work goes to this rank's first GPU
         set_determinism(cfg.deterministic)
         store = PreparedStore(cfg.data.store)
         self.dataset = store.description
@@ -143,8 +163,13 @@ class Run:
         self.resumed = (self.checkpoints / "last.pt").is_file()
         if self.resumed:
             self.load(self.checkpoints / "last.pt")
+        starts = world.gather(self.global_step if self.resumed else None)
+        if len(set(starts)) > 1:
+            raise RunError(f"the processes would start from different points ({starts}, per rank: a step, or None "
+                           f"for no checkpoint): {self.checkpoints} must be one folder that every node sees")
         self.last_saved_step = self.global_step if self.resumed else None
         self.flat_loss = FlatLossWatch(num_classes, cfg.flat_loss_steps)
+        self.net = world.wrap(self.model)  # training steps go through DDP; evaluation and checkpoints use the model
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -157,6 +182,8 @@ class Run:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def save(self, best: bool = False) -> None:
+        if not self.world.main:  # every rank holds the same state; rank 0 writes it
+            return
         state = self.state()
         save_checkpoint(self.checkpoints / "last.pt", state)
         if best:
@@ -186,34 +213,39 @@ class Run:
         self.schedule.apply(self.optimizer, self.epoch)
         self.augment.pca_lighting = cfg.data.pca_lighting and self.schedule.colour_noise(self.epoch)
         lr = self.schedule.lr(self.epoch)
-        self.model.train()
+        self.net.train()
+        shard = (self.world.rank, self.world.size)
         loader = batches(self.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=self.epoch,
                          start_step=self.step, workers=cfg.data.workers,
-                         pin_memory=self.devices[0].startswith("cuda"))
+                         pin_memory=self.devices[0].startswith("cuda"), shard=shard)
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch}", unit="step",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.world.main else True)
         window_loss = torch.zeros((), device=self.devices[0])
         window_wrong = torch.zeros((), device=self.devices[0])
         window_steps, window_images, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
         waited = time.perf_counter()
         for images, labels in loader:
             data_wait += time.perf_counter() - waited
-            seed_dropout(int(step_rng(cfg.seed, self.epoch, self.step, stream=2).integers(2**62)), self.devices)
-            x = self.augment.train(images, step_rng(cfg.seed, self.epoch, self.step))
+            # each rank draws its own dropout masks (one seed would give every rank's i-th image the same masks)
+            dropout_seed = int(step_rng(cfg.seed, self.epoch, self.step, stream=2).integers(2**62))
+            seed_dropout(dropout_seed + 2 * self.world.rank, self.devices)
+            x = self.augment.train(images, step_rng(cfg.seed, self.epoch, self.step), shard)
             labels = labels.to(self.devices[0], non_blocking=True)
-            logits = self.model(x)
+            logits = self.net(x)
             loss = F.cross_entropy(logits, labels)  # §5: mean over the batch
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             window_loss += loss.detach()
             window_wrong += (logits.detach().argmax(dim=1) != labels).sum()
-            window_steps, window_images = window_steps + 1, window_images + len(images)
+            window_steps, window_images = window_steps + 1, window_images + len(images) * self.world.size
             self.step, self.global_step = self.step + 1, self.global_step + 1
             bar.update(1)
             checkpoint_due = self.global_step % cfg.checkpoint_every == 0
             if window_steps == cfg.log_every or checkpoint_due or self.step == self.steps_per_epoch:
-                mean_loss = window_loss.item() / window_steps  # the only host sync: once per window
+                self.world.sum(window_loss)  # the global batch's loss and errors, the same on every rank
+                self.world.sum(window_wrong)
+                mean_loss = window_loss.item() / window_steps / self.world.size  # the only host sync: once a window
                 if not math.isfinite(mean_loss):
                     last_good = (f"the last good checkpoint is {self.checkpoints / 'last.pt'} (step "
                                  f"{self.last_saved_step}); lower optim.lr and run the same command to resume from it"
@@ -252,11 +284,13 @@ class Run:
 
     def end_epoch(self, writer: SummaryWriter) -> None:
         cfg = self.cfg
-        centre = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, False, cfg.data.workers)
+        centre = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, False, cfg.data.workers,
+                          world=self.world)
         entry = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch), "top1_err_1crop": centre["top1_err"],
                  "top5_err_1crop": centre["top5_err"]}
         if cfg.ten_crop_every and (self.epoch + 1) % cfg.ten_crop_every == 0:
-            ten = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, True, cfg.data.workers)
+            ten = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, True, cfg.data.workers,
+                           world=self.world)
             entry.update(top1_err_10crop=ten["top1_err"], top5_err_10crop=ten["top5_err"])
         for key, value in entry.items():
             if key.startswith("top"):
@@ -276,36 +310,49 @@ class Run:
 
 def train(cfg: DictConfig) -> dict:
     """Train (or resume) the run `cfg` describes, in `cfg.run_dir`; return its final metrics (also written to
-    metrics.json). Raises RunError or StoreError with an explanation when something must be fixed first."""
+    metrics.json). Raises RunError or StoreError with an explanation when something must be fixed first.
+    Under torchrun every process calls it; they share rank 0's run folder, and only rank 0 writes to it."""
+    world = World.from_env()
+    world.start(cfg.dist_backend)
+    cfg.run_dir = world.share(cfg.run_dir)  # rank 0's: Hydra's ${now} folder name can differ between processes
     if not cfg.run_dir:
         raise RunError("run_dir is not set (the repro-train entry point sets it to Hydra's output folder)")
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "failed.json").unlink(missing_ok=True)  # from an earlier attempt that this one replaces
-    handler = attach_log_file(run_dir / "train.log")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failed.json").unlink(missing_ok=True)  # from an earlier attempt that this one replaces
+        handler = attach_log_file(run_dir / "train.log")
+    else:
+        handler = logging.NullHandler()
+        log.setLevel(logging.ERROR)  # rank 0 logs for everyone
     try:
-        return _train(cfg)
+        return _train(cfg, world)
     except Exception as error:
         message = str(error) if isinstance(error, (RunError, StoreError)) else f"{type(error).__name__}: {error}"
         handler.handle(logging.makeLogRecord({"msg": f"stopped: {message}", "levelno": logging.ERROR,
                                               "levelname": "ERROR", "name": log.name}))
-        write_json(run_dir / "failed.json", {"error": message})  # what a sweep's summary reports for this job
+        if world.main:
+            write_json(run_dir / "failed.json", {"error": message})  # what a sweep's summary reports for this job
         raise
     finally:
         log.removeHandler(handler)
         handler.close()
+        world.stop()
 
 
-def _train(cfg: DictConfig) -> dict:
-    run = Run(cfg)
+def _train(cfg: DictConfig, world: World) -> dict:
+    run = Run(cfg, world)
     log.info(("resuming " if run.resumed else "starting ") + f"{run.dir} at epoch {run.epoch} step {run.step}")
     log.info("environment: " + json.dumps(environment(run.devices)))
     log.info("config:\n" + OmegaConf.to_yaml(cfg))
     log.info(f"{len(run.train_split)} training and {len(run.val_split)} validation images, "
              f"{run.steps_per_epoch} steps per epoch, devices {run.devices}")
+    log.info(f"effective batch {cfg.data.batch_size} ({world.size} process{'es' if world.size > 1 else ''} x "
+             f"{run.local_batch}), lr {cfg.optim.lr:g}")
     timing = {"images": 0, "seconds": 0.0}
     # a resumed run replays everything after its checkpoint at global_step, whose own events are kept
-    with SummaryWriter(run.dir / "tb", purge_step=run.global_step + 1 if run.resumed else None) as writer:
+    with (SummaryWriter(run.dir / "tb", purge_step=run.global_step + 1 if run.resumed else None) if world.main
+          else NoWriter()) as writer:
         while not run.schedule.finished:
             run.train_epoch(writer, timing)
             run.end_epoch(writer)
@@ -313,7 +360,7 @@ def _train(cfg: DictConfig) -> dict:
         if metrics_path.is_file():  # finished before; nothing left to do
             return json.loads(metrics_path.read_text())
         metrics = evaluate_views(run.model, run.augment, run.val_split, cfg.eval_batch_size, cfg.data.workers,
-                                 desc="final eval")
+                                 desc="final eval" if world.main else None, world=world)
         for key in PAPER_METRICS:
             writer.add_scalar(f"val/{key}_final", metrics[key], run.global_step)
         metrics.update(
@@ -323,11 +370,15 @@ def _train(cfg: DictConfig) -> dict:
             preset=run.model.preset, model_options=run.model.options,
             data_options={k: run.record["data"][k] for k in ("batch_size", "pca_lighting", "pca_std",
                                                                "lighting_style", "mean_crop", "crop_chunk")},
-            schedule=run.record["schedule"]["kind"], devices=run.devices, history=run.history)
+            schedule=run.record["schedule"]["kind"], devices=run.devices, history=run.history,
+            effective_batch=cfg.data.batch_size, processes=world.size, batch_per_process=run.local_batch,
+            base_lr=cfg.optim.lr)
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in flatten({"model": run.model.options, "data": metrics["data_options"],
                                         "optim": run.record["optim"], "schedule": run.record["schedule"]}).items()}
         writer.add_hparams(hparams, {f"hparam/{k}": metrics[k] for k in PAPER_METRICS}, run_name=".")
+    if not world.main:
+        return metrics
     write_json(metrics_path, metrics)
     write_report(run.dir)
     log.info(f"finished: {json.dumps({k: metrics[k] for k in PAPER_METRICS})}")
@@ -352,6 +403,12 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    world = World.from_env()
+    if not world.main:
+        # Only rank 0's Hydra makes the run folder (its ${now} name may differ here); train() shares it.
+        sys.argv = [a for a in sys.argv if not a.lstrip("+~").startswith("hydra.run.dir=")] + [
+            "hydra.run.dir=.", "hydra.output_subdir=null"]
+
     @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
     def run(cfg: DictConfig) -> float:
         if cfg.run_dir is None:
@@ -359,11 +416,12 @@ def main() -> None:
         try:
             metrics = train(cfg)
         except (RunError, StoreError) as error:
-            print(f"repro-train: error: {error}", file=sys.stderr)
+            print(f"repro-train: error{f' (rank {world.rank})' if world.launched else ''}: {error}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise  # Hydra marks the job failed and goes on with the sweep's other jobs (an exit would stop them)
             sys.exit(1)
-        print(write_report(cfg.run_dir))
+        if world.main:
+            print(write_report(cfg.run_dir))
         return metrics["top1_err_10crop"]
 
     run()

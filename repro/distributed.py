@@ -1,0 +1,128 @@
+"""Many boxes: one process per pair of devices under `torchrun`, DistributedDataParallel over the two-tower model.
+
+torchrun tells each process its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE);
+without it a run is one process, rank 0 of 1, and nothing here talks to anyone. `data.batch_size` stays the
+global batch of one step (the paper's 128); each rank takes its own slice of every global batch (repro/data.py),
+so the union over ranks of step s is the single-process batch of step s, and DDP's averaged gradient of the
+per-rank mean losses is the gradient of the global batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from repro.runtime import RunError, resolve_devices
+
+# A rank waits this long for the others (rank 0 alone writing a 455 MB checkpoint, a slow evaluation shard).
+TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among those torchrun started: `rank` of `size` in all, `local_rank` of `local_size`
+    on this node. `launched` is False for a plain single-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    launched: bool = False
+
+    @classmethod
+    def from_env(cls) -> "World":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        try:
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+            local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        except ValueError as error:
+            raise RunError(f"the torchrun environment is malformed ({error}); start the run with torchrun") from None
+        return cls(rank, size, local_rank, local_size, launched=True)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes the run folder: train.log, TensorBoard, checkpoints, metrics.json, report.md."""
+        return self.rank == 0
+
+    def local_batch(self, batch_size: int) -> int:
+        """Each rank's share of the global batch `data.batch_size`."""
+        if batch_size % self.size:
+            raise RunError(f"data.batch_size={batch_size} is the global batch of one step, split evenly between "
+                           f"the {self.size} processes, but {self.size} does not divide it; choose a multiple of "
+                           f"{self.size} (the paper's 128 divides by 1, 2, 4, 8, ...)")
+        return batch_size // self.size
+
+    def devices(self, requested, require_two_gpus: bool) -> list[str]:
+        """The two towers' devices of this process. Under torchrun local rank r owns cuda:2r and cuda:2r+1 (or
+        cpu, cpu without GPUs); CUDA devices named in `devices` would be the same for every rank, so they are
+        refused (CUDA_VISIBLE_DEVICES chooses which GPUs a node uses)."""
+        if not self.launched:
+            return resolve_devices(requested, require_two_gpus)
+        if requested is not None:
+            devices = resolve_devices(requested, require_two_gpus=False)
+            if any(torch.device(d).type == "cuda" for d in devices):
+                raise RunError(f"devices={devices}: under torchrun each process takes its own pair of GPUs (local "
+                               "rank r: cuda:2r and cuda:2r+1); leave devices unset (set CUDA_VISIBLE_DEVICES to "
+                               "choose a node's GPUs), or use devices=[cpu,cpu]")
+            return devices
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            return resolve_devices(None, require_two_gpus)  # cpu, cpu (or the paper's "needs two GPUs")
+        if gpus < 2 * self.local_size:
+            fix = (f"use --nproc_per_node {gpus // 2} (make train-ddp NPROC={gpus // 2})" if gpus >= 2 else
+                   "run without torchrun (devices=[cuda:0,cuda:0] puts both towers on the one GPU)")
+            raise RunError(f"torchrun started {self.local_size} processes on this node and each needs two GPUs "
+                           f"(one per tower), {2 * self.local_size} in all, but {gpus} are visible; {fix}")
+        return [f"cuda:{2 * self.local_rank}", f"cuda:{2 * self.local_rank + 1}"]
+
+    def start(self, backend: str | None) -> None:
+        """Join the process group. `backend` null: gloo for CPU tensors and NCCL for CUDA ones (PyTorch sends each
+        collective to the backend of its tensors' device)."""
+        if not self.launched or dist.is_initialized():
+            return
+        backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as error:
+            raise RunError(f"could not join the other processes with backend {backend!r} ({error}); check "
+                           "dist_backend and torchrun's --rdzv-endpoint") from None
+
+    def stop(self) -> None:
+        if self.launched and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def share(self, value):
+        """Rank 0's `value` on every rank (any picklable object)."""
+        if not self.launched:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if not self.launched:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks, in place (on its own device: gloo on the CPU, NCCL on a GPU)."""
+        if self.launched:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model for training steps: under torchrun in DistributedDataParallel, which averages the gradients
+        over the ranks during backward. The towers span two devices, so `device_ids` must be None."""
+        if not self.launched:
+            return model
+        return DistributedDataParallel(model, device_ids=None)
