@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet eval resume report tb demo-data prepare-demo prepare-imagenet \
-        bench-data clean
+        bench bench-data clean
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
@@ -63,6 +63,9 @@ prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagene
 
 bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench_data.py
+
+bench: bench-data ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
+	$(BIN)/python tools/bench.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from repro import speed
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches
 from repro.prepare import write_json
@@ -63,6 +64,7 @@ def evaluate_checkpoint(cfg) -> dict:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise RunError(f"{cfg.checkpoint} does not fit the network its own config describes: {error}") from None
+    speed.apply(model, cfg.speed)
     data = trained["data"]
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
