@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
-        prepare-imagenet bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
+        prepare-imagenet bench bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
         ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
@@ -113,6 +113,9 @@ prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagene
 
 bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench_data.py
+
+bench: bench-data ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
+	$(BIN)/python tools/bench.py
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -86,6 +86,22 @@ class ScheduleConfig:
     conv1_freeze_epoch: Optional[int] = None
 
 
+Autocast = Enum("Autocast", {v: v for v in ("bf16", "fp16")})
+
+
+@dataclass
+class SpeedConfig:
+    """One-box speed options (repro/speed.py; the README's "Speed" section says when each helps). The defaults keep
+    the paper's float32 numerics; `grouped` and `cudnn_benchmark` change only the order of float32 sums."""
+
+    grouped: Optional[bool] = None  # null: run both towers as one grouped network when they share a device
+    channels_last: bool = False
+    autocast: Optional[Autocast] = None  # null: float32; bf16, or fp16 with a loss scaler
+    compile: bool = False  # torch.compile, one region per tower stage (single-device regions)
+    cudnn_benchmark: Optional[bool] = None  # null: on unless `deterministic`
+    prefetch: bool = True  # copy the next batch to the GPU on a side stream while this step computes
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs. `devices: null` picks what exists (two GPUs, one GPU for both towers,
@@ -95,6 +111,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     name: str = "run"
     devices: Optional[List[str]] = None
     require_two_gpus: bool = False
@@ -117,6 +134,7 @@ class EvalConfig:
     batch_size: int = 64
     workers: int = 2
     out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 def register_configs() -> None:

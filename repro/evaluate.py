@@ -10,7 +10,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from repro.config import build_model
+from repro import speed
+from repro.config import SpeedConfig, build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches
 from repro.distributed import World
 from repro.model import AlexNet
@@ -55,9 +56,11 @@ def evaluate_views(model, augment: Augment, split: Split, crops_per_batch: int, 
     return metrics
 
 
-def load_trained(checkpoint_path, store=None, devices=None) -> tuple[dict, AlexNet, PreparedStore, Augment]:
-    """A checkpoint, its network on `devices` (default: what exists), the store it was trained on (or `store`),
-    and the test-time input pipeline with the run's own mean-image settings."""
+def load_trained(checkpoint_path, store=None, devices=None,
+                 speed_options=None) -> tuple[dict, AlexNet, PreparedStore, Augment]:
+    """A checkpoint, its network on `devices` (default: what exists) with the speed options (default: the
+    defaults), the store it was trained on (or `store`), and the test-time input pipeline with the run's own
+    mean-image settings."""
     checkpoint = load_checkpoint(Path(checkpoint_path))
     trained = checkpoint["config"]
     store = PreparedStore(store or trained["data"]["store"])
@@ -68,6 +71,7 @@ def load_trained(checkpoint_path, store=None, devices=None) -> tuple[dict, AlexN
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise RunError(f"{checkpoint_path} does not fit the network its own config describes: {error}") from None
+    speed.apply(model, speed_options or SpeedConfig())
     data = trained["data"]
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
@@ -77,7 +81,7 @@ def load_trained(checkpoint_path, store=None, devices=None) -> tuple[dict, AlexN
 def evaluate_checkpoint(cfg) -> dict:
     """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
     10 patches, written to a JSON file and returned."""
-    checkpoint, model, store, augment = load_trained(cfg.checkpoint, cfg.store, cfg.devices)
+    checkpoint, model, store, augment = load_trained(cfg.checkpoint, cfg.store, cfg.devices, cfg.speed)
     trained, split = checkpoint["config"], store.split("val")
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],

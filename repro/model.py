@@ -97,8 +97,14 @@ class LocalResponseNorm(nn.Module):
         band = (offsets[:, None] - offsets[None, :]).abs() <= LRN_SIZE // 2
         self.register_buffer("band", band.float()[:, :, None, None], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window_sums = F.conv2d(x * x, self.band.to(x.dtype))
+    def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """`groups` > 1: x holds that many towers' maps side by side (the grouped network); each is normalised
+        on its own, with the same sums as in its tower. Under autocast the normaliser is computed in float32."""
+        if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self(x.float(), groups).to(x.dtype)
+        band = self.band.to(x.dtype)
+        window_sums = F.conv2d(x * x, band.repeat(groups, 1, 1, 1) if groups > 1 else band, groups=groups)
         return x / (LRN_K + self.alpha * window_sums).pow(LRN_BETA)
 
     def extra_repr(self) -> str:
@@ -219,6 +225,8 @@ class AlexNet(nn.Module):
                 self.towers.append(Tower(widths, num_towers, self.options))
         with torch.device(self.devices[0]):
             self.fc8 = nn.Linear(widths[6] * num_towers, num_classes)  # §3.5: one 1000-way layer, on GPU 0
+        # Both towers as one grouped network when they share a device (repro.speed sets it; `forward_grouped`).
+        self.grouped = False
         self.reset_parameters()
 
     @torch.no_grad()
@@ -244,12 +252,52 @@ class AlexNet(nn.Module):
         self.fc8.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return self.forward_grouped(x)
         # Each stage is issued tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
         pool2 = [tower.stem(x.to(device)) for tower, device in zip(self.towers, self.devices)]
         pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
         fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
         fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]
         return self.fc8(exchange(fc7, self.devices[0]))
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as `forward`, for two towers on one device: conv1..pool5 run once for both towers
+        (`GroupedTowers`), so conv1 and conv3 read their shared input once and each exchange is a no-op. fc6 and
+        fc7 stay per tower, so dropout draws exactly the tower path's masks, in the same order."""
+        if len(self.towers) != 2 or self.devices[0] != self.devices[1]:
+            raise ValueError(f"the grouped forward needs two towers on one device, not {self.devices}")
+        both = GroupedTowers(self.towers)
+        pool5 = Tower.trunk(both, Tower.stem(both, x.to(self.devices[0])))
+        fc6 = torch.cat([tower.head6(pool5) for tower in self.towers], dim=1)
+        fc7 = torch.cat([tower.head7(fc6) for tower in self.towers], dim=1)
+        return self.fc8(fc7)
+
+
+class GroupedTowers:
+    """Two towers' conv layers as one grouped network, run by `Tower.stem` and `Tower.trunk` themselves: conv1
+    and conv3 with the towers' kernels stacked (both towers read the same input), conv2, conv4 and conv5 with
+    groups=2 and each LRN within its tower. The weights are stacked anew at every call (2.3M values), so the
+    towers keep owning the parameters: gradients, optimiser state and checkpoints are those of the tower path."""
+
+    def __init__(self, towers: Sequence[Tower]):
+        first = towers[0]
+        self.right_bottom_pad, self.lrn1_before_relu = first.right_bottom_pad, first.lrn1_before_relu
+        self.pool, self.spatial_norm = first.pool, first.spatial_norm  # the same on every channel
+        self.conv1, self.conv3 = self.joined(towers, "conv1", 1), self.joined(towers, "conv3", 1)
+        self.conv2, self.conv4 = self.joined(towers, "conv2", 2), self.joined(towers, "conv4", 2)
+        self.conv5 = self.joined(towers, "conv5", 2)
+        self.lrn1, self.lrn2 = (
+            (lambda x, lrn=lrn: lrn(x, groups=2)) if isinstance(lrn, LocalResponseNorm) else lrn
+            for lrn in (first.lrn1, first.lrn2))
+
+    @staticmethod
+    def joined(towers: Sequence[Tower], name: str, groups: int):
+        layers = [getattr(tower, name) for tower in towers]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        first = layers[0]
+        return lambda x: F.conv2d(x, weight, bias, first.stride, first.padding, groups=groups)
 
 
 # The single-device grouped layout (Caffe's bvlc_alexnet, groups=2 in conv2, conv4, conv5): each layer's tower

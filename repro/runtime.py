@@ -47,10 +47,9 @@ def resolve_devices(requested, require_two_gpus: bool) -> list[str]:
 
 
 def set_determinism(deterministic: bool) -> None:
-    """Deterministic kernels (bit-exact reruns and resumes) or cuDNN's autotuner (faster on GPUs)."""
+    """Deterministic kernels (bit-exact reruns and resumes). cuDNN's autotuner is set by repro.speed."""
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from repro import speed
 from repro.config import build_model
 from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_rng
 from repro.distributed import World
@@ -132,6 +133,7 @@ class Run:
         if world.launched and self.devices[0].startswith("cuda"):
             torch.cuda.set_device(self.devices[0])  # NCCL's own work goes to this rank's first GPU
         set_determinism(cfg.deterministic)
+        speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         store = PreparedStore(cfg.data.store)
         self.dataset = store.description
         self.train_split = subset(store.split("train"), cfg.data.limit_train, cfg.seed)
@@ -155,6 +157,8 @@ class Run:
                                    crop_chunk=data["crop_chunk"])
         except ValueError as error:  # an option out of range, named by the model or the augmentation
             raise RunError(str(error)) from None
+        speed.apply(self.model, cfg.speed)
+        self.scaler = speed.grad_scaler(cfg.speed, self.devices[0])
         self.optimizer = PaperSGD(param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
                                   lr=cfg.optim.lr, momentum=cfg.optim.momentum)
         self.schedule = Schedule(lr=cfg.optim.lr, **self.record["schedule"])
@@ -175,7 +179,8 @@ class Run:
 
     def state(self) -> dict:
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict(),
                 "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                 "history": self.history, "config": self.record,
                 "rng": {"torch": torch.get_rng_state(),
@@ -199,6 +204,8 @@ class Run:
                            "resume with the same settings, or start a new run in another hydra.run.dir")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):  # empty when the run was not in fp16 then
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.schedule.load_state_dict(checkpoint["schedule"])
         self.epoch, self.step, self.global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
         self.history = checkpoint["history"]
@@ -218,6 +225,7 @@ class Run:
         loader = batches(self.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=self.epoch,
                          start_step=self.step, workers=cfg.data.workers,
                          pin_memory=self.devices[0].startswith("cuda"), shard=shard)
+        loader = speed.prefetch(loader, self.devices[0]) if cfg.speed.prefetch else loader
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch}", unit="step",
                    dynamic_ncols=True, disable=None if self.world.main else True)
         window_loss = torch.zeros((), device=self.devices[0])
@@ -234,8 +242,9 @@ class Run:
             logits = self.net(x)
             loss = F.cross_entropy(logits, labels)  # §5: mean over the batch
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()  # fp16 autocast: a scaled loss; otherwise the loss itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             window_loss += loss.detach()
             window_wrong += (logits.detach().argmax(dim=1) != labels).sum()
             window_steps, window_images = window_steps + 1, window_images + len(images) * self.world.size

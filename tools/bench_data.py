@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import sys
 import tarfile
@@ -120,11 +119,10 @@ def prepare_rates(folder: Path) -> dict:
     return result
 
 
-def render(all_results: dict) -> str:
+def render(all_results: dict) -> list[str]:
+    """The data section of docs/benchmarks.md (tools/bench.py puts the file together)."""
     data = all_results["data"]
-    lines = ["# Benchmarks", "", "Written by `make bench-data`; numbers are from one run on the machine named below,",
-             "side by side, so compare ratios rather than absolute speeds.", "",
-             "## Data pipeline (`make bench-data`)", "",
+    lines = ["## Data pipeline (`make bench-data`)", "",
              f"Machine: {data['machine']}. Images: {data['images']}. One process, one thread (per core).", "",
              "| measurement | value |", "|---|---|",
              f"| torchvision standard input (ImageFolder, PIL decode, RandomResizedCrop, flip, ToTensor, Normalize) "
@@ -144,7 +142,7 @@ def render(all_results: dict) -> str:
              f"{data['prepare']['bilinear_vs_bicubic_mean_abs_diff']:.2f} |",
              f"| store size per image (uint8 256x256x3 + header) | {data['store_bytes_per_image']:,.0f} bytes |",
              "", f"Command: `{data['command']}`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -174,13 +172,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
         }
     results["ratio"] = results["store_images_per_s"] / results["torchvision_images_per_s"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "benchmarks.json"
-    all_results = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    all_results["data"] = results
-    json_path.write_text(json.dumps(all_results, indent=1) + "\n")
-    (args.out / "benchmarks.md").write_text(render(all_results))
-    print(render(all_results))
+    from bench import save  # the file's other sections and its markdown are tools/bench.py's
+
+    print(save("data", results, args.out))
     return 0
 
 

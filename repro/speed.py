@@ -1,0 +1,106 @@
+"""One-box speed options (`speed:` in the training config, `SpeedConfig`), applied to a built `AlexNet` in place.
+
+None of them changes the parameters, their names or the checkpoint format, so a checkpoint written with any
+options loads with any others. The README's "Speed" section has the measured effect of each and when it helps.
+
+- grouped: both towers on one device run as one grouped network (`AlexNet.forward_grouped`); the same function,
+  float32 sums in another order. Null (auto) turns it on exactly when the two towers share a device.
+- channels_last: parameters and input in NHWC; another kernel choice, float32 throughout.
+- autocast: bf16 or fp16 matrix products (torch.autocast); the response normalisation and the loss stay float32,
+  fp16 adds a loss scaler (`grad_scaler`). Changes the numerics: off by default.
+- compile: torch.compile of each tower's four stages and of fc8 separately, so no compiled region spans two
+  devices (CUDA graphs and Inductor want single-device graphs); the grouped forward is one region. Compiled
+  dropout draws its masks with Inductor's generator: the same distribution, not the eager path's masks.
+- cudnn_benchmark: cuDNN's autotuner; its choice can differ between runs, so it contradicts `deterministic`.
+- prefetch: on a GPU, the next batch's copy from pinned memory runs on a side stream while this step computes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from repro.model import AlexNet
+from repro.runtime import RunError
+
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOWER_STAGES = ("stem", "trunk", "head6", "head7")
+
+
+def autocast_name(options) -> str | None:
+    """`options.autocast` as None, "bf16" or "fp16" (a config node holds an enum member, a dict its name)."""
+    value = options.autocast
+    return getattr(value, "name", value)
+
+
+def apply(model: AlexNet, options) -> AlexNet:
+    """Set the options of `options` (a `SpeedConfig` or config node) on `model`, in place; returns it."""
+    shared = len(model.towers) == 2 and model.devices[0] == model.devices[1]
+    if options.grouped and not shared:
+        raise RunError(f"speed.grouped=true needs two towers on one device; this model has {len(model.towers)} "
+                       f"tower(s) on {[str(d) for d in model.devices]}. Leave speed.grouped unset (auto)")
+    model.grouped = shared if options.grouped is None else bool(options.grouped)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if options.compile:
+        if model.grouped:
+            model.forward_grouped = torch.compile(model.forward_grouped)
+        else:
+            for tower in model.towers:
+                for stage in TOWER_STAGES:
+                    setattr(tower, stage, torch.compile(getattr(tower, stage)))
+            model.fc8.forward = torch.compile(model.fc8.forward)
+    dtype = AUTOCAST_DTYPES[autocast_name(options)]
+    if dtype is not None or options.channels_last:
+        plain, device_type, channels_last = model.forward, model.devices[0].type, options.channels_last
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                return plain(x).float()  # float32 logits, so the loss and the softmax are float32
+
+        model.forward = forward  # an instance attribute: the module, its parameters and state_dict stay as they are
+    return model
+
+
+def set_cudnn_benchmark(requested: bool | None, deterministic: bool) -> None:
+    """cuDNN's autotuner: `requested`, or on unless the run is deterministic."""
+    if requested and deterministic:
+        raise RunError("speed.cudnn_benchmark=true contradicts deterministic=true (the autotuner may pick other "
+                       "kernels in another run); set one of them to false")
+    torch.backends.cudnn.benchmark = (not deterministic) if requested is None else bool(requested)
+
+
+def grad_scaler(options, device: str | torch.device) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 autocast (fp16's narrow range would flush small gradients to zero); a
+    pass-through otherwise (bf16 has float32's range)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=autocast_name(options) == "fp16")
+
+
+def prefetch(loader: Iterable, device: str | torch.device) -> Iterator[list[torch.Tensor]]:
+    """The loader's batches with every tensor already on `device`. On a GPU batch k+1 is copied from pinned memory
+    on a side stream while step k runs, and the compute stream waits only for that copy; elsewhere the batches
+    pass through unchanged."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield from loader
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def send(batch):
+        with torch.cuda.stream(copy_stream):
+            return [t.to(device, non_blocking=True) for t in batch]
+
+    batches = iter(loader)
+    pending = next(batches, None)
+    pending = send(pending) if pending is not None else None
+    while pending is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        for tensor in pending:
+            tensor.record_stream(compute)  # the copy stream's memory is in use until compute is done with it
+        ready, pending = pending, next(batches, None)
+        pending = send(pending) if pending is not None else None
+        yield ready

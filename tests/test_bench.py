@@ -1,0 +1,36 @@
+"""`make bench` in miniature: tools/bench.py --quick writes both files, keeps the data section, and says what
+it skipped."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench  # noqa: E402
+
+
+def test_quick_bench_writes_every_section(tmp_path):
+    shutil.copy(TOOLS.parent / "docs" / "benchmarks.json", tmp_path / "benchmarks.json")
+    data_before = json.loads((tmp_path / "benchmarks.json").read_text())["data"]
+    assert bench.main(["--quick", "--batch", "2", "--steps", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert results["data"] == data_before  # the data section (make bench-data) is kept
+    compute = results["compute"]
+    assert compute["matmul_peak_flops"]["fp32"] > 0 and compute["ten_patch_images_per_s"] > 0
+    assert "torchvision alexnet" in compute["training"]
+    for row in compute["training"].values():
+        assert row["images_per_s"] > 0 and row["fraction_of_peak"] > 0  # quick: a 256x256 "peak", no bound
+        assert row["achieved_flops"] == row["images_per_s"] * row["flops_per_image"]
+    # counted, not copied: about 3x the forward pass (0.72 GMAC = 1.45 GFLOP), less conv1's input gradient
+    assert 3e9 < compute["flops_per_image"]["two-tower"] < 5e9
+    assert compute["flops_per_image"]["two-tower, LRN window sums included"] > compute["flops_per_image"]["two-tower"]
+    assert set(compute["memory"]) == {"two-tower", "torchvision"}
+    assert "skipped" in compute["gpu"] or "step_ms_synthetic" in compute["gpu"]
+    assert set(compute["estimates"]["gpus"]) == {"2x A100 SXM 80GB", "2x H100 SXM", "2x RTX 4090"}
+    text = (tmp_path / "benchmarks.md").read_text()
+    for heading in ("## Data pipeline", "## Training and evaluation compute", "### On GPUs",
+                    "### Estimates for dual-GPU boxes"):
+        assert heading in text

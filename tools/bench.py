@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""Compute benchmark (`make bench`, after `make bench-data`): in one run, side by side with interleaved repeats,
+the matrix-multiply peak, training images/s of the paper's two-tower network (plain and with each speed option)
+against torchvision's `alexnet` with the same loss and optimiser step, each one's achieved FLOP/s as a fraction of
+that peak, the 10-patch evaluation rate and the peak memory of a training step. On GPUs also the per-tower step,
+the cross-device copies, synthetic vs real input and images/s per GPU. Then the arithmetic for 2x A100, 2x H100 and
+2x RTX 4090. Results go to docs/benchmarks.json (section "compute"; "data" is kept) and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench_data
+from repro import speed
+from repro.config import SpeedConfig
+from repro.data import Augment, PreparedStore, batches, step_rng
+from repro.model import AlexNet
+from repro.optim import PaperSGD, param_groups
+from repro.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET_TRAIN, EPOCHS = 1_281_167, 90  # ILSVRC-2012 training images; the paper's ~90 epochs (§5)
+# Dense tensor peaks per GPU, no sparsity, from the vendors' data sheets (the same figures as
+# ../shared/reference/performance.md): (bf16 with fp32 accumulation, fp32 without tensor cores), TFLOP/s.
+GPU_PEAKS = {
+    "A100 SXM 80GB": (312.0, 19.5, "NVIDIA A100 Tensor Core GPU datasheet"),
+    "H100 SXM": (989.0, 67.0, "NVIDIA H100 Tensor Core GPU datasheet"),
+    "RTX 4090": (165.2, 82.6, "NVIDIA Ada Lovelace GPU architecture whitepaper, appendix"),
+}
+# The configurations timed side by side: label -> (network, speed options). `None` is torchvision's alexnet.
+TRAIN_CONFIGS = {
+    "two-tower, plain (towers one after the other)": SpeedConfig(grouped=False),
+    "two-tower, grouped (the default on one device)": SpeedConfig(),
+    "two-tower, grouped + channels_last": SpeedConfig(channels_last=True),
+    "two-tower, grouped + bf16 autocast": SpeedConfig(autocast="bf16"),
+    "two-tower, grouped + torch.compile": SpeedConfig(compile=True),
+    "torchvision alexnet": None,
+}
+
+
+def build(options: SpeedConfig | None, device: str) -> torch.nn.Module:
+    if options is None:
+        return torchvision.models.alexnet(weights=None).to(device)
+    return speed.apply(AlexNet(devices=(device, device)), options)
+
+
+class Trainer:
+    """One network's training step on a fixed random batch: forward, mean cross-entropy, backward, PaperSGD."""
+
+    def __init__(self, options: SpeedConfig | None, batch: int, device: str):
+        torch.manual_seed(0)
+        self.model = build(options, device).train()
+        self.optimizer = PaperSGD(param_groups(self.model, 5e-4, True), lr=1e-4)
+        self.scaler = speed.grad_scaler(options or SpeedConfig(), device)
+        self.x = torch.randn(batch, 3, 224, 224, device=device) * 60
+        self.labels = torch.randint(0, 1000, (batch,), device=device)
+        self.device = torch.device(device)
+
+    def step(self) -> None:
+        loss = F.cross_entropy(self.model(self.x), self.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def seconds(self, steps: int) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - start) / steps
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_flops_per_image(options: SpeedConfig | None, lrn: bool = False) -> float:
+    """Forward + backward FLOPs of one image, counted by FlopCounterMode at batch 2: convolutions and matrix
+    products. The two-tower count leaves out the LRN's window sums (a 1x1 convolution here, not a layer of the
+    model) unless `lrn`, so that both networks are credited with their layers' FLOPs only. It is counted on the
+    tower path: torch 2.14's counter credits a groups=2 convolution's backward with twice its FLOPs."""
+    model = build(options, "cpu") if options is None else AlexNet(lrn=lrn)
+    x = torch.randn(2, 3, 224, 224)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: str) -> float:
+    """Best FLOP/s of an n x n matrix product over `repeats` timed runs."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(torch.device(device))
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(torch.device(device))
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
+    """Images/s of the 10-patch evaluation (§4.1: 10 views each, softmaxes averaged), default speed options."""
+    model = build(SpeedConfig(), device).eval()
+    rng = np.random.default_rng(0)
+    augment = Augment(rng.uniform(0, 255, (256, 256, 3)), np.ones(3), np.eye(3), device=device)
+    images = torch.from_numpy(rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
+
+    def once():
+        with torch.no_grad():
+            model(augment.test_views(images, ten_crop=True)).softmax(-1).view(batch, 10, -1).mean(1)
+        sync(torch.device(device))
+
+    once()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def memory_probe(kind: str, batch: int, device: str) -> dict:
+    """Peak memory of one training step at `batch` (run in a fresh process by `peak_memory`). CPU: the growth of
+    the process's peak resident set from a batch-1 step (weights, gradients, velocities already there) to a
+    batch-`batch` step, i.e. what the batch adds. CUDA: torch.cuda.max_memory_allocated per device."""
+    options = None if kind == "torchvision" else SpeedConfig()
+    trainer = Trainer(options, 1, device)
+    trainer.step()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(options, batch, device)
+        trainer.step()
+        total = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+        return {"peak_bytes_per_step": total, "what": "torch.cuda.max_memory_allocated, summed over GPUs"}
+    trainer.x = torch.randn(batch, 3, 224, 224) * 60
+    trainer.labels = torch.randint(0, 1000, (batch,))
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak (VmHWM) from the current size
+    before = resident_bytes("VmRSS")
+    trainer.step()
+    return {"peak_bytes_per_step": resident_bytes("VmHWM") - before, "resting_bytes": before,
+            "what": f"the rise of the resident set during a batch-{batch} step over the process at rest (weights, "
+                    "velocities, the batch), from /proc/self/status: activations, gradients and workspace"}
+
+
+def resident_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(kind: str, batch: int, device: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--batch", str(batch),
+                             "--device", device], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
+    """Per-tower step, cross-device copies, synthetic vs real input, images/s per GPU (needs CUDA)."""
+    gpus = torch.cuda.device_count()
+    devices = ("cuda:0", "cuda:1") if gpus >= 2 else ("cuda:0", "cuda:0")
+    torch.backends.cudnn.benchmark = True
+    model = speed.apply(AlexNet(devices=devices), SpeedConfig()).train()
+    events = lambda: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # noqa: E731
+
+    def timed_ms(device, work) -> float:
+        work()
+        times = []
+        for _ in range(repeats):
+            start, end = events()
+            with torch.cuda.device(device):
+                start.record()
+                work()
+                end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    per_tower = {}
+    for t, (tower, device) in enumerate(zip(model.towers, model.devices)):
+        x = torch.randn(batch, 3, 224, 224, device=device) * 60
+
+        def tower_step(tower=tower, x=x):
+            pool2 = tower.stem(x)
+            pool5 = tower.trunk(torch.cat([pool2, pool2], 1))  # the other tower's half: same shape
+            fc6 = tower.head6(torch.cat([pool5, pool5], 1))
+            tower.head7(torch.cat([fc6, fc6], 1)).sum().backward()
+
+        per_tower[f"tower {t} on {device}"] = timed_ms(device, tower_step)
+    shapes = [(batch, 128, 13, 13), (batch, 4608), (batch, 2048), (batch, 2048)]  # conv3, fc6, fc7, fc8 inputs
+    parts = [torch.randn(s, device=devices[1]) for s in shapes]
+    copies_ms = 2 * timed_ms(devices[0], lambda: [p.to(devices[0]) for p in parts])  # both ways (~2 per step)
+    trainer = Trainer(SpeedConfig(), batch, devices[0])
+    trainer.model = model
+    trainer.optimizer = PaperSGD(param_groups(model, 5e-4, True), lr=1e-4)
+    trainer.step()
+    synthetic_s = statistics.median(trainer.seconds(steps) for _ in range(repeats))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, _ = bench_data.image_folder(Path(tmp))
+        (Path(tmp) / "raw").mkdir()
+        (Path(tmp) / "raw" / "train").symlink_to(folder.resolve())
+        prepare(Path(tmp) / "raw", Path(tmp) / "store", workers=2, log=lambda *a: None)
+        store = PreparedStore(Path(tmp) / "store")
+        split, stats = store.split("train"), store.stats()
+        split.rows = np.tile(split.rows, -(-batch * (steps + 1) // len(split.rows)))
+        augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0])
+        loader = speed.prefetch(batches(split, batch, workers=2, pin_memory=True), devices[0])
+        first = True
+        for step, (images, labels) in enumerate(loader):
+            trainer.x, trainer.labels = augment.train(images, step_rng(0, 0, step)), labels
+            if first:
+                trainer.step()
+                sync(torch.device(devices[0]))
+                start, first = time.perf_counter(), False
+                continue
+            trainer.step()
+        sync(torch.device(devices[0]))
+        loader_s = (time.perf_counter() - start) / step
+    rate = batch / synthetic_s
+    return {"devices": list(devices), "gpu_names": [torch.cuda.get_device_name(d) for d in sorted(set(devices))],
+            "batch": batch, "tower_step_ms": per_tower, "cross_device_copies_ms_per_step": copies_ms,
+            "step_ms_synthetic": 1e3 * synthetic_s, "step_ms_real_loader": 1e3 * loader_s,
+            "loader_headroom": loader_s / synthetic_s, "images_per_s_per_gpu": rate / len(set(devices)),
+            "note": "median of interleaved repeats; loader: the prepared store (bench_data's images), 2 workers, "
+                    "pinned memory, prefetch, augmentation on the GPU"}
+
+
+def estimates(flops_per_image: float) -> dict:
+    """The compute floor of 90 epochs per GPU pair and the input rate it implies (arithmetic, not measured)."""
+    total = flops_per_image * IMAGENET_TRAIN * EPOCHS
+    rows = {}
+    for gpu, (bf16, fp32, source) in GPU_PEAKS.items():
+        row = {"peak_tflops_bf16": bf16, "peak_tflops_fp32": fp32, "source": source}
+        for label, peak in (("bf16", bf16), ("fp32", fp32)):
+            for mfu in (1.0, 0.3):
+                seconds = total / (2 * peak * 1e12 * mfu)
+                row[f"hours_{label}_{int(mfu * 100)}pct"] = seconds / 3600
+                row[f"input_img_per_s_{label}_{int(mfu * 100)}pct"] = IMAGENET_TRAIN * EPOCHS / seconds
+        rows[f"2x {gpu}"] = row
+    return {"flops_per_training_image": flops_per_image, "total_flops_90_epochs": total, "gpus": rows}
+
+
+def measure(args) -> dict:
+    device = "cpu"
+    load_before = os.getloadavg()
+    flops = {"two-tower": training_flops_per_image(SpeedConfig()), "torchvision": training_flops_per_image(None),
+             "two-tower, LRN window sums included": training_flops_per_image(SpeedConfig(), lrn=True)}
+    n = 256 if args.quick else 2048
+    peaks = {"fp32": matmul_peak(torch.float32, n, args.repeats + 2, device)}
+    peaks["bf16"] = matmul_peak(torch.bfloat16, n, args.repeats + 2, device)
+    quick_skips = ("channels_last", "bf16", "compile")  # a smoke run times the plain, default and torchvision nets
+    configs = {k: v for k, v in TRAIN_CONFIGS.items() if not (args.quick and any(w in k for w in quick_skips))}
+    trainers = {label: Trainer(options, args.batch, device) for label, options in configs.items()}
+    for trainer in trainers.values():
+        trainer.step()  # warm-up (and compilation)
+    times = {label: [] for label in trainers}
+    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits every network alike
+        for label, trainer in trainers.items():
+            times[label].append(trainer.seconds(args.steps))
+    training = {}
+    for label, options in configs.items():
+        rate = args.batch / statistics.median(times[label])
+        per_image = flops["torchvision" if options is None else "two-tower"]
+        precision = "bf16" if options is not None and speed.autocast_name(options) else "fp32"
+        training[label] = {"images_per_s": rate, "flops_per_image": per_image, "achieved_flops": rate * per_image,
+                           "peak": precision, "fraction_of_peak": rate * per_image / peaks[precision],
+                           "step_s_repeats": times[label]}
+    del trainers
+    default = training["two-tower, grouped (the default on one device)"]["achieved_flops"]
+    plain = training["two-tower, plain (towers one after the other)"]["achieved_flops"]
+    torchvision_flops = training["torchvision alexnet"]["achieved_flops"]
+    eval_batch = 2 if args.quick else 16
+    return {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
+                   f"{torch.backends.cpu.get_cpu_capability()}",
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "batch": args.batch, "steps_per_repeat": args.steps, "repeats": args.repeats, "flops_per_image": flops,
+        "matmul_peak_flops": peaks, "matmul_n": n,
+        "training": training,
+        "per_flop_vs_torchvision": default / torchvision_flops, "plain_per_flop_vs_torchvision": plain / torchvision_flops,
+        "ten_patch_images_per_s": ten_patch_rate(eval_batch, args.repeats, device), "ten_patch_batch": eval_batch,
+        "memory": {kind: peak_memory(kind, args.batch, device) for kind in ("two-tower", "torchvision")},
+        "gpu": gpu_sections(args.batch, args.steps, args.repeats) if torch.cuda.is_available() else
+        {"skipped": "no CUDA device on this machine: the per-tower step, cross-device copies, synthetic vs real "
+                    "input and images/s per GPU are measured only on GPUs"},
+        "estimates": estimates(flops["two-tower"]),
+        "command": "make bench" if not args.quick else "python tools/bench.py --quick",
+        "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    }
+
+
+def render_compute(c: dict) -> list[str]:
+    g = 1e9
+    lines = ["## Training and evaluation compute (`make bench`)", "",
+             f"Measured on {c['machine']} with `{c['command']}` ({c['date']}, torch {c['torch']}); load average "
+             f"{c['load_average_before_after'][0]:.1f} before and {c['load_average_before_after'][1]:.1f} after the "
+             "run (above the core count means other work shared the cores). Batch "
+             f"{c['batch']}, random images and labels, forward + mean cross-entropy + backward + PaperSGD; medians "
+             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps.", "",
+             f"Matrix-multiply peak (n={c['matmul_n']}, measured): fp32 {c['matmul_peak_flops']['fp32'] / g:.0f} "
+             f"GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} GFLOP/s.", "",
+             "| network and options | images/s | GFLOP per image (fwd+bwd, counted) | achieved GFLOP/s | "
+             "fraction of the matmul peak |", "|---|---|---|---|---|"]
+    for label, row in c["training"].items():
+        lines.append(f"| {label} | {row['images_per_s']:.1f} | {row['flops_per_image'] / g:.2f} | "
+                     f"{row['achieved_flops'] / g:.0f} | {row['fraction_of_peak']:.2f} of {row['peak']} |")
+    lines += ["", f"FLOPs per training image, counted: two-tower {c['flops_per_image']['two-tower'] / g:.2f} G "
+              f"({c['flops_per_image']['two-tower, LRN window sums included'] / g:.2f} G with the LRN's window "
+              f"sums, left out above), torchvision {c['flops_per_image']['torchvision'] / g:.2f} G; conv1's input "
+              "gradient is not computed, so both are a little under 3x the forward FLOPs.", "",
+              f"**Per FLOP, the two-tower network (default options) runs at {c['per_flop_vs_torchvision']:.2f}x "
+              f"torchvision's speed** (plain tower-by-tower path: {c['plain_per_flop_vs_torchvision']:.2f}x); goal: "
+              "at least 1x, and at least 0.5 of the matmul peak.", "",
+              f"10-patch evaluation (measured, batch {c['ten_patch_batch']}, 10 views each): "
+              f"{c['ten_patch_images_per_s']:.1f} images/s.", ""]
+    for kind, mem in c["memory"].items():
+        lines.append(f"Peak memory of a batch-{c['batch']} training step, {kind} (measured: {mem['what']}): "
+                     f"{mem['peak_bytes_per_step'] / 2**20:.0f} MiB"
+                     + (f" above {mem['resting_bytes'] / 2**20:.0f} MiB at rest." if "resting_bytes" in mem else "."))
+    lines += ["", "### On GPUs", ""]
+    gpu = c["gpu"]
+    if "skipped" in gpu:
+        lines.append(f"Skipped: {gpu['skipped']}.")
+    else:
+        lines += [f"Measured on {', '.join(gpu['gpu_names'])} ({gpu['note']}), batch {gpu['batch']}:", "",
+                  "| measurement | value |", "|---|---|"]
+        lines += [f"| training step of {name} (forward + backward) | {ms:.2f} ms |"
+                  for name, ms in gpu["tower_step_ms"].items()]
+        lines += [f"| cross-device copies per step (conv3, fc6, fc7, fc8 inputs, both ways) | "
+                  f"{gpu['cross_device_copies_ms_per_step']:.2f} ms |",
+                  f"| step, synthetic data on the GPU | {gpu['step_ms_synthetic']:.2f} ms |",
+                  f"| step, real loader | {gpu['step_ms_real_loader']:.2f} ms ({gpu['loader_headroom']:.2f}x) |",
+                  f"| images/s per GPU | {gpu['images_per_s_per_gpu']:.0f} |"]
+    e = c["estimates"]
+    lines += ["", "### Estimates for dual-GPU boxes (arithmetic, not measured)", "",
+              f"From the counted {e['flops_per_training_image'] / g:.2f} GFLOP per training image (measured count) "
+              f"x {IMAGENET_TRAIN:,} images x {EPOCHS} epochs = {e['total_flops_90_epochs']:.2e} FLOP, divided by "
+              "two GPUs' published dense peak at 100% and at 30% utilisation (30%: an estimate of what a tuned "
+              "AlexNet reaches; its LRN, pooling and dropout are memory-bound). The input rate is what the loader "
+              "must then deliver.", "",
+              "| GPUs | peak per GPU bf16 / fp32 (TFLOP/s, source) | 90 epochs bf16 at 100% / 30% | fp32 at 30% | "
+              "input images/s bf16 at 30% |", "|---|---|---|---|---|"]
+    for name, r in e["gpus"].items():
+        lines.append(f"| {name} | {r['peak_tflops_bf16']:g} / {r['peak_tflops_fp32']:g} ({r['source']}) | "
+                     f"{60 * r['hours_bf16_100pct']:.0f} min / {60 * r['hours_bf16_30pct']:.0f} min | "
+                     f"{r['hours_fp32_30pct']:.1f} h | {r['input_img_per_s_bf16_30pct']:,.0f} |")
+    lines += ["", "Which option removes which bottleneck (estimated; none measured on a GPU here):", "",
+              "| bottleneck | option |", "|---|---|",
+              "| fp32 matrix units (bf16 tensor cores are 8-16x faster on these GPUs) | `speed.autocast=bf16` |",
+              "| memory-bound ReLU/LRN/pool/dropout and kernel launches | `speed.compile=true` (single-device "
+              "regions, so CUDA graphs stay possible) |",
+              "| convolution algorithm choice | `speed.cudnn_benchmark` (on unless deterministic) |",
+              "| host-to-device copy on the critical path | `speed.prefetch` (pinned memory, side stream) |",
+              "| input rate (decode) | the prepared uint8 store + augmentation on the GPU (data section above) |",
+              "| one GPU running both towers | `speed.grouped` (fewer, larger kernels; no exchange copies) |",
+              "| cross-device copies | P2P/NVLink; the towers already overlap (no host sync inside a step) |", ""]
+    return lines
+
+
+def render(all_results: dict) -> str:
+    lines = ["# Benchmarks", "", "Written by `make bench` (`make bench-data` writes the data section alone); each "
+             "section comes from one run on the machine it names, side by side, so compare ratios rather than "
+             "absolute speeds.", ""]
+    if "data" in all_results:
+        lines += bench_data.render(all_results)
+    if "compute" in all_results:
+        lines += render_compute(all_results["compute"])
+    return "\n".join(lines)
+
+
+def save(section: str, results: dict, out: Path) -> str:
+    """Put `results` under `section` in out/benchmarks.json (keeping the other sections); rewrite the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "benchmarks.json"
+    all_results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    all_results[section] = results
+    json_path.write_text(json.dumps(all_results, indent=1) + "\n")
+    text = render(all_results)
+    (out / "benchmarks.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32, help="training batch size (both networks)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny matrices, three networks")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.{json,md} go")
+    parser.add_argument("--memory-probe", choices=("two-tower", "torchvision"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.batch, args.device)))
+        return 0
+    print(save("compute", measure(args), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
