@@ -92,9 +92,10 @@ Autocast = Enum("Autocast", {v: v for v in ("bf16", "fp16")})
 @dataclass
 class SpeedConfig:
     """One-box speed options (repro/speed.py; the README's "Speed" section says when each helps). The defaults keep
-    the paper's float32 numerics; `grouped` and `cudnn_benchmark` change only the order of float32 sums."""
+    the paper's float32 numerics and its tower-by-tower layers; `grouped` and `cudnn_benchmark` change only the
+    order of float32 sums."""
 
-    grouped: Optional[bool] = None  # null: run both towers as one grouped network when they share a device
+    grouped: Optional[bool] = False  # true: both towers as one grouped network on their shared device; null: auto
     channels_last: bool = False
     autocast: Optional[Autocast] = None  # null: float32; bf16, or fp16 with a loss scaler
     compile: bool = False  # torch.compile, one region per tower stage (single-device regions)

@@ -184,7 +184,7 @@ def test_compiled_tower_stages_give_the_plain_logits():
 
 def test_two_fake_gpus_make_exactly_the_tower_paths_copies():
     with FakeTensorMode():
-        model = speed.apply(AlexNet(devices=("cuda:0", "cuda:1")).train(), SpeedConfig())
+        model = speed.apply(AlexNet(devices=("cuda:0", "cuda:1")).train(), SpeedConfig(grouped=None))
         assert not model.grouped  # auto: the towers are on two devices
         x = torch.empty(2, 3, 224, 224, device="cuda:0")
         with CrossDeviceCopies() as recorder:
@@ -195,10 +195,10 @@ def test_two_fake_gpus_make_exactly_the_tower_paths_copies():
         (*to0, (2, 4608)), (*to1, (2, 2048)), (*to0, (2, 2048)), (*to0, (2, 2048))])
 
 
-def test_grouped_is_automatic_on_one_device_and_refused_across_two():
-    assert speed.apply(AlexNet(), SpeedConfig()).grouped
-    assert not speed.apply(AlexNet(), SpeedConfig(grouped=False)).grouped
-    assert not speed.apply(AlexNet(towers=1), SpeedConfig()).grouped
+def test_grouped_is_off_by_default_automatic_when_null_and_refused_across_two():
+    assert not speed.apply(AlexNet(), SpeedConfig()).grouped  # the default: the paper's tower-by-tower layers
+    assert speed.apply(AlexNet(), SpeedConfig(grouped=None)).grouped  # auto: the towers share the CPU
+    assert not speed.apply(AlexNet(towers=1), SpeedConfig(grouped=None)).grouped
     with FakeTensorMode():
         with pytest.raises(RunError, match="speed.grouped=true needs two towers on one device"):
             speed.apply(AlexNet(devices=("cuda:0", "cuda:1")), SpeedConfig(grouped=True))
