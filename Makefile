@@ -6,19 +6,20 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
-        prepare-imagenet bench bench-data clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
+        prepare-imagenet bench bench-data figure1 clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
         ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
 comma := ,
+FIGURES ?= $(if $(OUT),$(OUT),docs/figures)
 NPROC ?= 1
 NNODES ?= 1
 RDZV ?=
 RDZV_ID ?= repro
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -116,6 +117,10 @@ bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,
 
 bench: bench-data ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench.py
+
+figure1: $(INSTALLED) ## the paper's Figure 1 (ReLU vs tanh, CIFAR-10): make figure1 CIFAR=<class folders or CIFAR-10 root> [OUT=docs/figures] [ARGS=...]
+	@test -n "$(CIFAR)" || { echo "usage: make figure1 CIFAR=<CIFAR-10 class folders (<class>/*.jpg or train/<class>/) or a torchvision CIFAR-10 root> [OUT=$(FIGURES)] [ARGS='--download --limit 5000 ...']" >&2; exit 2; }
+	$(BIN)/repro-figure1 --data $(CIFAR) --out $(FIGURES) $(ARGS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) *.egg-info .pytest_cache
