@@ -120,8 +120,9 @@ def summarise(sweep_dir: Path | str) -> dict:
         group["seeds"] = sorted({str(j["config"].get("seed", "?")) for j in group["jobs"]})
         group["status"] = {s: sum(j["status"] == s for j in group["jobs"])
                            for s in ("done", "failed", "unfinished", "not started")}
-        group["metrics"] = {k: mean_std([m[k] for m in done])[0] for k in PAPER_METRICS}
-        group["std"] = {k: mean_std([m[k] for m in done])[1] for k in PAPER_METRICS}
+        stats = {k: mean_std([m[k] for m in done]) for k in PAPER_METRICS}
+        group["metrics"] = {k: mean for k, (mean, _) in stats.items()}
+        group["std"] = {k: std for k, (_, std) in stats.items()}
         config = next((j["config"] for j in group["jobs"] if j["config"]), {})
         group["changes"] = {k: config.get(k) for k in sorted(set(config) | set(base_config))
                             if not k.startswith(NOT_A_CHANGE) and config.get(k) != base_config.get(k)} \
