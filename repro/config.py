@@ -92,12 +92,13 @@ Autocast = Enum("Autocast", {v: v for v in ("bf16", "fp16")})
 @dataclass
 class SpeedConfig:
     """One-box speed options (repro/speed.py; the README's "Speed" section says when each helps). The defaults keep
-    the paper's float32 numerics and its tower-by-tower layers; `grouped` and `cudnn_benchmark` change only the
-    order of float32 sums."""
+    the paper's float32 numerics (IEEE float32 on GPUs too) and its tower-by-tower layers; `grouped` and
+    `cudnn_benchmark` change only the order of float32 sums."""
 
     grouped: Optional[bool] = False  # true: both towers as one grouped network on their shared device; null: auto
     channels_last: bool = False
     autocast: Optional[Autocast] = None  # null: float32; bf16, or fp16 with a loss scaler
+    tf32: bool = False  # TF32 float32 convolutions and matmuls on Ampere+ GPUs; false: IEEE float32 (the paper's)
     compile: bool = False  # torch.compile, one region per tower stage (single-device regions)
     cudnn_benchmark: Optional[bool] = None  # null: on unless `deterministic`
     prefetch: bool = True  # copy the next batch to the GPU on a side stream while this step computes

@@ -66,12 +66,14 @@ def load_trained(checkpoint_path, store=None, devices=None,
     store = PreparedStore(store or trained["data"]["store"])
     stats = store.stats()
     devices = resolve_devices(devices, require_two_gpus=False)
+    speed_options = speed_options or SpeedConfig()
+    speed.set_precision(speed_options.tf32)
     model = build_model(trained["model"], devices)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         raise RunError(f"{checkpoint_path} does not fit the network its own config describes: {error}") from None
-    speed.apply(model, speed_options or SpeedConfig())
+    speed.apply(model, speed_options)
     data = trained["data"]
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
@@ -85,7 +87,7 @@ def evaluate_checkpoint(cfg) -> dict:
     trained, split = checkpoint["config"], store.split("val")
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
-               "options": model.options}
+               "options": model.options, "precision": speed.precision(cfg.speed)}
     metrics.update(evaluate_views(model, augment, split, cfg.batch_size, cfg.workers, desc="eval"))
     write_json(Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json", metrics)
     return metrics

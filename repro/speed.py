@@ -11,6 +11,8 @@ options loads with any others. The README's "Speed" section has the measured eff
 - compile: torch.compile of each tower's four stages and of fc8 separately, so no compiled region spans two
   devices (CUDA graphs and Inductor want single-device graphs); the grouped forward is one region. Compiled
   dropout draws its masks with Inductor's generator: the same distribution, not the eager path's masks.
+- tf32: TensorFloat-32 convolutions and matrix products on Ampere and newer GPUs (10-bit mantissas). Off by
+  default: float32 means IEEE float32 everywhere (`set_precision`), the paper's numerics.
 - cudnn_benchmark: cuDNN's autotuner; its choice can differ between runs, so it contradicts `deterministic`.
 - prefetch: on a GPU, the next batch's copy from pinned memory runs on a side stream while this step computes.
 """
@@ -71,6 +73,27 @@ def set_cudnn_benchmark(requested: bool | None, deterministic: bool) -> None:
         raise RunError("speed.cudnn_benchmark=true contradicts deterministic=true (the autotuner may pick other "
                        "kernels in another run); set one of them to false")
     torch.backends.cudnn.benchmark = (not deterministic) if requested is None else bool(requested)
+
+
+def set_precision(tf32: bool) -> None:
+    """IEEE float32 convolutions and matrix products, or TF32 ones where `tf32` (GPUs of compute capability 8.0 and
+    newer; elsewhere nothing changes). Set explicitly because torch's own defaults differ: cuDNN convolutions default
+    to TF32, cuBLAS matrix products to IEEE. These are the switches every supported torch has; in torch 2.9 and
+    newer they also set the per-backend `fp32_precision` fields consistently (the new API: mixing the two makes
+    torch raise, so nothing here uses it)."""
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def precision(options=None) -> dict:
+    """The arithmetic in force, for train.log, metrics.json, repro-eval and the benchmarks: float32 convolutions and
+    matrix products (`ieee` or `tf32`) and, given speed options, the autocast dtype (`float32` when off)."""
+    mode = {True: "tf32", False: "ieee"}
+    record = {"float32_convolutions": mode[torch.backends.cudnn.allow_tf32],
+              "float32_matmuls": mode[torch.backends.cuda.matmul.allow_tf32]}
+    if options is not None:
+        record["autocast"] = autocast_name(options) or "float32"
+    return record
 
 
 def grad_scaler(options, device: str | torch.device) -> torch.amp.GradScaler:

@@ -134,6 +134,7 @@ class Run:
             torch.cuda.set_device(self.devices[0])  # NCCL's own work goes to this rank's first GPU
         set_determinism(cfg.deterministic)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
+        speed.set_precision(cfg.speed.tf32)
         store = PreparedStore(cfg.data.store)
         self.dataset = store.description
         self.train_split = subset(store.split("train"), cfg.data.limit_train, cfg.seed)
@@ -353,6 +354,7 @@ def _train(cfg: DictConfig, world: World) -> dict:
     run = Run(cfg, world)
     log.info(("resuming " if run.resumed else "starting ") + f"{run.dir} at epoch {run.epoch} step {run.step}")
     log.info("environment: " + json.dumps(environment(run.devices)))
+    log.info("precision: " + json.dumps(speed.precision(cfg.speed)))
     log.info("config:\n" + OmegaConf.to_yaml(cfg))
     log.info(f"{len(run.train_split)} training and {len(run.val_split)} validation images, "
              f"{run.steps_per_epoch} steps per epoch, devices {run.devices}")
@@ -381,7 +383,7 @@ def _train(cfg: DictConfig, world: World) -> dict:
                                                                "lighting_style", "mean_crop", "crop_chunk")},
             schedule=run.record["schedule"]["kind"], devices=run.devices, history=run.history,
             effective_batch=cfg.data.batch_size, processes=world.size, batch_per_process=run.local_batch,
-            base_lr=cfg.optim.lr)
+            base_lr=cfg.optim.lr, precision=speed.precision(cfg.speed))
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                    for k, v in flatten({"model": run.model.options, "data": metrics["data_options"],
                                         "optim": run.record["optim"], "schedule": run.record["schedule"]}).items()}

@@ -245,3 +245,17 @@ def test_speed_options_in_a_training_run(demo_store, tmp_path):
 def test_a_typo_fails_when_the_config_is_composed(demo_store, tmp_path):
     with pytest.raises(ConfigCompositionException):
         tiny_cfg(demo_store, tmp_path, "speed.autocast=fp8")
+
+
+def test_float32_means_ieee_float32_unless_tf32_is_asked_for():
+    torch.backends.cudnn.allow_tf32 = True  # torch's own default for cuDNN convolutions
+    speed.set_precision(False)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert speed.precision() == {"float32_convolutions": "ieee", "float32_matmuls": "ieee"}
+    assert torch.get_float32_matmul_precision() == "highest"  # what Inductor reads: consistent, no mixed-API error
+    speed.set_precision(True)
+    assert speed.precision(SpeedConfig(autocast="bf16")) == {"float32_convolutions": "tf32",
+                                                              "float32_matmuls": "tf32", "autocast": "bf16"}
+    assert torch.get_float32_matmul_precision() == "high"
+    speed.set_precision(False)
+    assert speed.precision(SpeedConfig())["autocast"] == "float32"
