@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -150,11 +151,16 @@ def step_rng(seed: int, epoch: int, step: int, stream: int = 1) -> np.random.Gen
 
 
 class Augment:
-    """The paper's input pipeline on the device, from uint8 [B, 256, 256, 3] to float [B, 3, 224, 224].
+    """The paper's input pipeline on the training devices, from uint8 [B, 256, 256, 3] to float [B, 3, 224, 224].
+
+    `devices`: the towers' devices (the model's `devices`). Each tower's input is built on its own device from the
+    uint8 batch and the step's draws, so only those (a quarter of the float batch's bytes) travel to the second
+    device; a device shared by two towers builds their input once. The results are one tensor per tower.
 
     pca_lighting: §4.1 colour noise. Each image gets eigvecs @ (alpha * scale) added to every pixel, with
         alpha ~ N(0, pca_std) drawn per image per presentation. `eigvals` and `eigvecs` are those of the RGB
-        covariance on the 0-255 scale the network sees.
+        covariance on the 0-255 scale the network sees. The per-image noise (B x 3 values) is computed on the CPU,
+        so every device adds the same numbers.
     lighting_style: `paper` (§4.1) scales alpha by the eigenvalues. Their scale matters and the paper does not
         give it: with 0-255 pixel values the formula taken literally adds noise with a std of about 1,800 grey
         levels, so the eigenvalues are those of pixel values on the [0, 1] scale (lambda_255 / 255^2), and the
@@ -168,7 +174,7 @@ class Augment:
     """
 
     def __init__(self, mean_image: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
-                 device: str | torch.device = "cpu", pca_lighting: bool = True, pca_std: float = 0.1,
+                 devices: Sequence[str | torch.device] = ("cpu",), pca_lighting: bool = True, pca_std: float = 0.1,
                  lighting_style: str = "paper", mean_crop: str = "center", crop_chunk: int = 1):
         if lighting_style not in ("paper", "cuda_convnet"):
             raise ValueError(f"lighting_style must be 'paper' or 'cuda_convnet', got {lighting_style!r}")
@@ -176,11 +182,13 @@ class Augment:
             raise ValueError(f"mean_crop must be 'center' or 'aligned', got {mean_crop!r}")
         if crop_chunk not in (1, CHUNK):
             raise ValueError(f"crop_chunk must be 1 or {CHUNK}, got {crop_chunk}")
-        self.device = torch.device(device)
-        self.mean = torch.as_tensor(mean_image, dtype=torch.float32, device=self.device).permute(2, 0, 1)
+        self.devices = [torch.device(d) for d in devices]
+        self.device = self.devices[0]  # where the logits, labels and metrics are
+        self.mean = torch.as_tensor(mean_image, dtype=torch.float32).permute(2, 0, 1)  # [3, 256, 256], CPU
+        self.means = {device: self.mean.to(device) for device in self.devices}
         scale = eigvals / 255.0 if lighting_style == "paper" else np.sqrt(eigvals)  # see the docstring
         # column i of eigvecs is the i-th eigenvector: noise = eigvecs @ (alpha * scale)
-        self.lighting = torch.as_tensor(eigvecs * scale[None, :], dtype=torch.float32, device=self.device)
+        self.lighting = torch.as_tensor(eigvecs * scale[None, :], dtype=torch.float32)
         self.pca_lighting, self.pca_std, self.lighting_style = pca_lighting, pca_std, lighting_style
         self.mean_crop, self.crop_chunk = mean_crop, crop_chunk
 
@@ -193,42 +201,72 @@ class Augment:
         return {"offsets": torch.from_numpy(offsets), "flips": torch.from_numpy(flips),
                 "alphas": torch.from_numpy(alphas).float()}
 
-    def train(self, images: torch.Tensor, rng: np.random.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """A training batch: random crop and flip, colour noise, minus the mean image. With `shard=(rank, ranks)`
-        `images` is that rank's slice of the global batch and gets the draws of its own images in that batch,
-        so the ranks together augment exactly as one process would."""
-        on_gpu = self.device.type == "cuda"  # pinned, so the copy does not make the host wait for the GPU
+    def train(self, images: torch.Tensor | Mapping[torch.device, torch.Tensor], rng: np.random.Generator,
+              shard: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
+        """A training batch per tower: random crop and flip, colour noise, minus the mean image. `images` is the
+        uint8 batch (on the CPU, pinned for GPUs) or its copies per device (`repro.speed.prefetch`). With
+        `shard=(rank, ranks)` it is that rank's slice of the global batch and gets the draws of its own images in
+        that batch, so the ranks together augment exactly as one process would."""
         index, parts = shard
-        mine = slice(index * len(images), (index + 1) * len(images))
-        params = {k: (v[mine].pin_memory() if on_gpu else v[mine]).to(self.device, non_blocking=on_gpu)
-                  for k, v in self.draw(len(images) * parts, rng).items()}
-        x = self.crop(images.to(self.device, non_blocking=True), params["offsets"], params["flips"])
-        if self.pca_lighting:
-            x += (params["alphas"] @ self.lighting.T)[:, :, None, None]
-            if self.lighting_style == "cuda_convnet":
-                x /= 1.0 + self.pca_std
-        return x
+        size = len(next(iter(images.values())) if isinstance(images, Mapping) else images)
+        draws = {k: v[index * size:(index + 1) * size] for k, v in self.draw(size * parts, rng).items()}
+        noise = draws["alphas"] @ self.lighting.T  # [B, 3]
 
-    def test_views(self, images: torch.Tensor, ten_crop: bool) -> torch.Tensor:
-        """§4.1 test patches, [B * V, 3, 224, 224] ordered image by image: the centre crop (V=1), or the four
-        corner crops and the centre crop and their horizontal reflections (V=10), whose softmaxes are averaged."""
+        def build(source: torch.Tensor, device: torch.device) -> torch.Tensor:
+            x = self.crop(source, send(draws["offsets"], device), send(draws["flips"], device), device)
+            if self.pca_lighting:
+                x += send(noise, device)[:, :, None, None]
+                if self.lighting_style == "cuda_convnet":
+                    x /= 1.0 + self.pca_std
+            return x
+
+        return self.per_tower(images, build)
+
+    def test_views(self, images: torch.Tensor, ten_crop: bool) -> list[torch.Tensor]:
+        """§4.1 test patches per tower, [B * V, 3, 224, 224] ordered image by image: the centre crop (V=1), or the
+        four corner crops and the centre crop and their horizontal reflections (V=10), whose softmaxes are
+        averaged."""
         corners = [(0, 0), (0, BORDER), (BORDER, 0), (BORDER, BORDER)]
         positions = corners + [(BORDER // 2, BORDER // 2)] if ten_crop else [(BORDER // 2, BORDER // 2)]
         views = [(p, flip) for flip in ((False, True) if ten_crop else (False,)) for p in positions]
-        b = len(images)
-        offsets = torch.tensor([p for p, _ in views], device=self.device).repeat(b, 1)
-        flips = torch.tensor([f for _, f in views], device=self.device).repeat(b)
-        source = images.to(self.device, non_blocking=True).repeat_interleave(len(views), dim=0)
-        return self.crop(source, offsets, flips)
+        offsets = torch.tensor([p for p, _ in views]).repeat(len(images), 1)
+        flips = torch.tensor([f for _, f in views]).repeat(len(images))
 
-    def crop(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Float [B, 3, 224, 224] crops at `offsets` (row, column), mirrored where `flips`, minus the mean."""
-        span = torch.arange(CROP, device=self.device)
+        def build(source: torch.Tensor, device: torch.device) -> torch.Tensor:
+            return self.crop(source.repeat_interleave(len(views), dim=0), send(offsets, device),
+                             send(flips, device), device)
+
+        return self.per_tower(images, build)
+
+    def per_tower(self, images: torch.Tensor | Mapping[torch.device, torch.Tensor], build) -> list[torch.Tensor]:
+        """`build(images on d, d)` once for each distinct device d, returned tower by tower."""
+        built = {}
+        for device in self.devices:
+            if device not in built:
+                source = images[device] if isinstance(images, Mapping) else send(images, device)
+                built[device] = build(source, device)
+        return [built[device] for device in self.devices]
+
+    def crop(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+             device: torch.device) -> torch.Tensor:
+        """Float [B, 3, 224, 224] crops at `offsets` (row, column), mirrored where `flips`, minus the mean, in
+        the contiguous (NCHW) layout: the gather works on NHWC pixels, and its permuted view would hand every
+        convolution channels-last input (`speed.channels_last` asks for that layout where it helps)."""
+        span = torch.arange(CROP, device=device)
         rows = offsets[:, :1] + span  # [B, 224]
         cols = offsets[:, 1:] + torch.where(flips[:, None], CROP - 1 - span, span)
-        batch = torch.arange(len(images), device=self.device)[:, None, None]
-        x = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).float()
+        batch = torch.arange(len(images), device=device)[:, None, None]
+        x = images[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+        mean = self.means[device]
         if self.mean_crop == "aligned":
-            return x - self.mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+            return x - mean[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
         centre = BORDER // 2
-        return x - self.mean[:, centre:centre + CROP, centre:centre + CROP]
+        return x - mean[:, centre:centre + CROP, centre:centre + CROP]
+
+
+def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU through pinned memory without making the host wait."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -122,7 +122,9 @@ class World:
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model for training steps: under torchrun in DistributedDataParallel, which averages the gradients
-        over the ranks during backward. The towers span two devices, so `device_ids` must be None."""
+        over the ranks during backward. The towers span two devices, so `device_ids` must be None. The model's
+        buffers are constants (the LRN's band matrices), so DDP's default broadcast of every buffer before every
+        forward pass (collectives and a sync point per step) is turned off."""
         if not self.launched:
             return model
-        return DistributedDataParallel(model, device_ids=None)
+        return DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)

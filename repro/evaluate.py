@@ -75,7 +75,7 @@ def load_trained(checkpoint_path, store=None, devices=None,
         raise RunError(f"{checkpoint_path} does not fit the network its own config describes: {error}") from None
     speed.apply(model, speed_options)
     data = trained["data"]
-    augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0],
+    augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], devices=model.devices,
                       lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
     return checkpoint, model, store, augment
 

@@ -218,6 +218,11 @@ class AlexNet(nn.Module):
             raise ValueError(f"devices must name two devices (one per tower), got {list(devices)}")
         num_towers = self.options["towers"]
         self.devices = [torch.device(d) for d in devices][:num_towers]
+        # §5's weights come from the CPU generator as it was before any layer existed, and it goes on from where
+        # those draws end: the layers' default initialisation (overwritten by `reset_parameters`) draws from the
+        # generator of the device each layer is built on, the CPU's in a CPU build and a GPU's in a GPU build, so
+        # otherwise one seed would give other weights, and another generator state after them, on GPUs.
+        init_generator = torch.Generator().set_state(torch.get_rng_state())
         widths = TWO_TOWER_WIDTHS if num_towers == 2 else ONE_TOWER_WIDTHS
         self.towers = nn.ModuleList()
         for device in self.devices:
@@ -227,19 +232,21 @@ class AlexNet(nn.Module):
             self.fc8 = nn.Linear(widths[6] * num_towers, num_classes)  # §3.5: one 1000-way layer, on GPU 0
         # Both towers as one grouped network when they share a device (repro.speed sets it; `forward_grouped`).
         self.grouped = False
-        self.reset_parameters()
+        self.reset_parameters(init_generator)
+        torch.set_rng_state(init_generator.get_state())
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """§5: every weight ~ N(0, 0.01); biases of conv2, conv4, conv5, fc6 and fc7 = 1 (to give the ReLUs
         positive inputs early on), the rest 0. The 2012 code drew conv3-conv5 with std 0.03.
 
-        The values are drawn on the CPU and copied to each tower's device: every GPU's generator starts from the
-        same seed, so drawing on two GPUs would give both towers the same weights, and CPU and GPU generators
-        differ, so a seed now gives the same network on any devices."""
+        The values come from `generator` (default: the CPU generator), always on the CPU, and are copied to each
+        tower's device: every GPU's generator starts from the same seed, so drawing on two GPUs would give both
+        towers the same weights, and CPU and GPU generators differ, so a seed gives the same network on any
+        devices."""
 
         def normal(param: torch.Tensor, std: float) -> None:
-            param.copy_(torch.randn(param.shape, device="cpu") * std)
+            param.copy_(torch.randn(param.shape, generator=generator, device="cpu") * std)
 
         deep_std = 0.03 if self.options["init"] == "cuda_convnet" else 0.01
         for tower in self.towers:
@@ -251,11 +258,16 @@ class AlexNet(nn.Module):
         normal(self.fc8.weight, 0.01)
         self.fc8.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """`x`: the images, or one copy per tower already on its device (`repro.data.Augment` builds each tower's
+        input where it runs, so the float batch never crosses devices)."""
+        inputs = list(x) if isinstance(x, (list, tuple)) else [x] * len(self.towers)
+        if len(inputs) != len(self.towers):
+            raise ValueError(f"got {len(inputs)} inputs for {len(self.towers)} tower(s)")
         if self.grouped:
-            return self.forward_grouped(x)
+            return self.forward_grouped(inputs[0])
         # Each stage is issued tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
-        pool2 = [tower.stem(x.to(device)) for tower, device in zip(self.towers, self.devices)]
+        pool2 = [tower.stem(image.to(device)) for tower, image, device in zip(self.towers, inputs, self.devices)]
         pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
         fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
         fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]

@@ -16,7 +16,14 @@ from torch.optim import Optimizer
 
 class PaperSGD(Optimizer):
     """§5's momentum SGD with weight decay, the rate inside the velocity. Each parameter group may set its own
-    `lr`, `weight_decay` and `momentum` (used for the biases' decay and conv1's late rate changes)."""
+    `lr`, `weight_decay` and `momentum` (used for the biases' decay and conv1's late rate changes).
+
+    Under fp16 autocast `torch.amp.GradScaler.step` hands the step the loss scale and its inf/NaN flag as tensors
+    (`grad_scale`, `found_inf`; the amp protocol of `_step_supports_amp_scaling`): the step unscales the gradients
+    itself and leaves every parameter and velocity as it was when the flag is set, all on the devices, instead of
+    the scaler reading the flag on the host (a sync per device per step) to decide whether to call it."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
@@ -30,6 +37,8 @@ class PaperSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        scaled = {}  # per device: (1 / loss scale or None, "no inf/NaN in any gradient"), for the amp protocol
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -39,8 +48,19 @@ class PaperSGD(Optimizer):
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p)
                 v = state["velocity"]
-                v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
-                p.add_(v)
+                if found_inf is None:
+                    v.mul_(momentum).add_(p, alpha=-decay * lr).add_(p.grad, alpha=-lr)
+                    p.add_(v)
+                    continue
+                if p.device not in scaled:  # the scaler's own unscaling: grad * float32(1 / float64(scale))
+                    inverse = (grad_scale.double().reciprocal().float().to(p.device, non_blocking=True)
+                               if grad_scale is not None else None)
+                    scaled[p.device] = inverse, found_inf.to(p.device, non_blocking=True) == 0
+                inverse, finite = scaled[p.device]
+                grad = p.grad * inverse if inverse is not None else p.grad
+                # the same operations as above on a copy, kept only where every gradient was finite
+                v.copy_(torch.where(finite, v.mul(momentum).add_(p, alpha=-decay * lr).add_(grad, alpha=-lr), v))
+                p.add_(v * finite)
         return loss
 
 

@@ -14,12 +14,13 @@ options loads with any others. The README's "Speed" section has the measured eff
 - tf32: TensorFloat-32 convolutions and matrix products on Ampere and newer GPUs (10-bit mantissas). Off by
   default: float32 means IEEE float32 everywhere (`set_precision`), the paper's numerics.
 - cudnn_benchmark: cuDNN's autotuner; its choice can differ between runs, so it contradicts `deterministic`.
-- prefetch: on a GPU, the next batch's copy from pinned memory runs on a side stream while this step computes.
+- prefetch: on GPUs, the next batch's copies from pinned memory (to each tower's device) run on side streams while
+  this step computes.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -57,9 +58,10 @@ def apply(model: AlexNet, options) -> AlexNet:
     if dtype is not None or options.channels_last:
         plain, device_type, channels_last = model.forward, model.devices[0].type, options.channels_last
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        def forward(x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+            if channels_last:  # the images, or each tower's copy
+                x = ([t.contiguous(memory_format=torch.channels_last) for t in x] if isinstance(x, (list, tuple))
+                     else x.contiguous(memory_format=torch.channels_last))
             with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
                 return plain(x).float()  # float32 logits, so the loss and the softmax are float32
 
@@ -102,28 +104,37 @@ def grad_scaler(options, device: str | torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(torch.device(device).type, enabled=autocast_name(options) == "fp16")
 
 
-def prefetch(loader: Iterable, device: str | torch.device) -> Iterator[list[torch.Tensor]]:
-    """The loader's batches with every tensor already on `device`. On a GPU batch k+1 is copied from pinned memory
-    on a side stream while step k runs, and the compute stream waits only for that copy; elsewhere the batches
-    pass through unchanged."""
-    device = torch.device(device)
-    if device.type != "cuda":
+def prefetch(loader: Iterable, devices: Sequence[str | torch.device]) -> Iterator[list]:
+    """The loader's (uint8 images, labels) batches, sent ahead: on GPUs batch k+1 is copied from pinned memory on
+    a side stream per device while step k runs, the images to every distinct device of `devices` (the towers'; a
+    {device: images} mapping that `Augment` reads) and the labels to the first; the compute streams wait only for
+    those copies. Without GPUs the batches pass through unchanged."""
+    devices = list(dict.fromkeys(torch.device(d) for d in devices))
+    if devices[0].type != "cuda":
         yield from loader
         return
-    copy_stream = torch.cuda.Stream(device)
+    copy_streams = {device: torch.cuda.Stream(device) for device in devices}
 
     def send(batch):
-        with torch.cuda.stream(copy_stream):
-            return [t.to(device, non_blocking=True) for t in batch]
+        images, labels = batch
+        sent = {}
+        for device, stream in copy_streams.items():
+            with torch.cuda.stream(stream):
+                sent[device] = images.to(device, non_blocking=True)
+        with torch.cuda.stream(copy_streams[devices[0]]):
+            labels = labels.to(devices[0], non_blocking=True)
+        return sent, labels
 
     batches = iter(loader)
     pending = next(batches, None)
     pending = send(pending) if pending is not None else None
     while pending is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(copy_stream)
-        for tensor in pending:
-            tensor.record_stream(compute)  # the copy stream's memory is in use until compute is done with it
-        ready, pending = pending, next(batches, None)
+        images, labels = pending
+        for device, stream in copy_streams.items():
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(stream)
+            images[device].record_stream(compute)  # the copy stream's memory is in use until compute is done
+        labels.record_stream(torch.cuda.current_stream(devices[0]))
+        pending = next(batches, None)
         pending = send(pending) if pending is not None else None
-        yield ready
+        yield [images, labels]

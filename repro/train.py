@@ -152,10 +152,10 @@ class Run:
         torch.manual_seed(cfg.seed)  # the initial weights (§5), drawn on the CPU: the same on any devices
         try:
             self.model = build_model(self.record["model"], self.devices)
-            self.augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=self.devices[0],
-                                   pca_lighting=data["pca_lighting"], pca_std=data["pca_std"],
-                                   lighting_style=data["lighting_style"], mean_crop=data["mean_crop"],
-                                   crop_chunk=data["crop_chunk"])
+            self.augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"],
+                                   devices=self.model.devices, pca_lighting=data["pca_lighting"],
+                                   pca_std=data["pca_std"], lighting_style=data["lighting_style"],
+                                   mean_crop=data["mean_crop"], crop_chunk=data["crop_chunk"])
         except ValueError as error:  # an option out of range, named by the model or the augmentation
             raise RunError(str(error)) from None
         speed.apply(self.model, cfg.speed)
@@ -183,9 +183,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                "history": self.history, "config": self.record,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                "history": self.history, "config": self.record}
 
     def save(self, best: bool = False) -> None:
         if not self.world.main:  # every rank holds the same state; rank 0 writes it
@@ -210,9 +208,8 @@ class Run:
         self.schedule.load_state_dict(checkpoint["schedule"])
         self.epoch, self.step, self.global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
         self.history = checkpoint["history"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        # No generator state is restored (checkpoints before this version carry one, ignored): every draw of a step
+        # is seeded by (seed, epoch, step), so a resumed run needs none, on any number of GPUs.
 
     # -- one epoch ---------------------------------------------------------------------------------------------
 
@@ -226,7 +223,7 @@ class Run:
         loader = batches(self.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=self.epoch,
                          start_step=self.step, workers=cfg.data.workers,
                          pin_memory=self.devices[0].startswith("cuda"), shard=shard)
-        loader = speed.prefetch(loader, self.devices[0]) if cfg.speed.prefetch else loader
+        loader = speed.prefetch(loader, self.model.devices) if cfg.speed.prefetch else loader
         bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch}", unit="step",
                    dynamic_ncols=True, disable=None if self.world.main else True)
         window_loss = torch.zeros((), device=self.devices[0])
@@ -248,7 +245,7 @@ class Run:
             self.scaler.update()
             window_loss += loss.detach()
             window_wrong += (logits.detach().argmax(dim=1) != labels).sum()
-            window_steps, window_images = window_steps + 1, window_images + len(images) * self.world.size
+            window_steps, window_images = window_steps + 1, window_images + len(labels) * self.world.size
             self.step, self.global_step = self.step + 1, self.global_step + 1
             bar.update(1)
             checkpoint_due = self.global_step % cfg.checkpoint_every == 0

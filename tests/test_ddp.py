@@ -149,10 +149,10 @@ def test_the_ranks_slices_of_a_step_are_the_one_process_batch(demo_store, crop_c
         assert all(len(p[0]) == 2 for p in parts)
         assert torch.equal(torch.cat([p[0] for p in parts]), images)
         assert torch.equal(torch.cat([p[1] for p in parts]), labels)
-        x = augment.train(images, step_rng(3, 1, step))
-        x_parts = [augment.train(p[0], step_rng(3, 1, step), (r, 4)) for r, p in enumerate(parts)]
+        x = augment.train(images, step_rng(3, 1, step))[0]
+        x_parts = [augment.train(p[0], step_rng(3, 1, step), (r, 4))[0] for r, p in enumerate(parts)]
         torch.testing.assert_close(torch.cat(x_parts), x, rtol=0, atol=1e-4)  # the same crops, flips and noise
-        assert not torch.allclose(x_parts[3], augment.train(parts[3][0], step_rng(3, 1, step)))  # not the default
+        assert not torch.allclose(x_parts[3], augment.train(parts[3][0], step_rng(3, 1, step))[0])  # not the default
 
 
 def test_the_ranks_validation_shares_cover_the_split_once(demo_store):
@@ -193,3 +193,17 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch):
     assert world.local_batch(128) == 16
     with pytest.raises(RunError, match="data.batch_size=100 is the global batch .* 8 does not divide it"):
         world.local_batch(100)
+
+
+def test_the_ddp_wrapper_does_not_broadcast_the_constant_buffers(tmp_path):
+    # DDP broadcasts every buffer before every forward by default: here the LRN's constant band matrices.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = build_model({"num_classes": 4})
+        net = World(launched=True).wrap(model)
+        assert isinstance(net, DistributedDataParallel) and net.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()

@@ -175,6 +175,34 @@ def test_weights_are_drawn_on_the_cpu_so_two_gpus_get_different_towers():
     assert not torch.equal(a["conv1.weight"][:48], a["conv1.weight"][48:])  # and the towers differ
 
 
+@pytest.mark.parametrize("preset, towers", [("paper", 2), ("cuda_convnet", 2), ("paper", 1)])
+def test_a_seed_gives_the_same_weights_whatever_the_layers_default_init_draws(monkeypatch, preset, towers):
+    # A tower built on a GPU runs its layers' default initialisation on that GPU's generator, leaving the CPU
+    # generator where it was; on the CPU it advances it. Reproduced on the CPU by turning that default off.
+    torch.manual_seed(5)
+    on_cpu = AlexNet(preset=preset, towers=towers)
+    after_cpu = torch.get_rng_state()
+    monkeypatch.setattr(torch.nn.Conv2d, "reset_parameters", lambda self: None)
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
+    torch.manual_seed(5)
+    as_on_gpu = AlexNet(preset=preset, towers=towers)
+    for (name, expected), got in zip(on_cpu.state_dict().items(), as_on_gpu.state_dict().values()):
+        assert torch.equal(got, expected), name  # every weight and bias of both towers and fc8
+    assert torch.equal(torch.get_rng_state(), after_cpu)  # and what is drawn next is the same too
+
+
+def test_per_tower_inputs_cross_no_device():
+    with FakeTensorMode():
+        model = AlexNet(devices=("cuda:0", "cuda:1"))
+        inputs = [torch.empty(2, 3, 224, 224, device=d) for d in ("cuda:0", "cuda:1")]
+        with CrossDeviceCopies() as recorder:
+            logits = model(inputs)
+    assert str(logits.device) == "cuda:0"
+    assert all(shape != (2, 3, 224, 224) for _, _, shape in recorder.copies) and len(recorder.copies) == 7
+    with pytest.raises(ValueError, match="got 1 inputs for 2 tower"):
+        AlexNet()([images(1)])
+
+
 def test_one_tower_net_lives_on_the_first_device():
     with FakeTensorMode():
         model = AlexNet(devices=("cuda:1", "cuda:0"), towers=1)

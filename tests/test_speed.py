@@ -219,15 +219,16 @@ def test_cudnn_benchmark_follows_determinism_unless_set():
 
 def test_prefetch_passes_cpu_batches_through():
     batches = [(torch.arange(3), torch.arange(2)), (torch.arange(4), torch.arange(1))]
-    got = list(speed.prefetch(batches, "cpu"))
+    got = list(speed.prefetch(batches, ["cpu", "cpu"]))
     assert len(got) == 2 and all(a is b for pair, want in zip(got, batches) for a, b in zip(pair, want))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_prefetch_copies_to_the_gpu_in_order():
     batches = [(torch.full((4,), k).pin_memory(), torch.tensor([k]).pin_memory()) for k in range(3)]
-    got = list(speed.prefetch(batches, "cuda:0"))
-    assert [int(images[0]) for images, _ in got] == [0, 1, 2] and got[0][0].device.type == "cuda"
+    got = list(speed.prefetch(batches, ["cuda:0", "cuda:0"]))
+    cuda0 = torch.device("cuda:0")
+    assert [int(images[cuda0][0]) for images, _ in got] == [0, 1, 2] and list(got[0][0]) == [cuda0]
 
 
 def test_speed_options_in_a_training_run(demo_store, tmp_path):
@@ -259,3 +260,39 @@ def test_float32_means_ieee_float32_unless_tf32_is_asked_for():
     assert torch.get_float32_matmul_precision() == "high"
     speed.set_precision(False)
     assert speed.precision(SpeedConfig())["autocast"] == "float32"
+
+
+class HostCheckedSGD(PaperSGD):
+    """PaperSGD outside amp's protocol: GradScaler unscales, reads the inf/NaN flag on the host, then steps."""
+
+    _step_supports_amp_scaling = False
+
+
+def test_fp16_steps_are_the_host_checked_ones_without_a_host_sync(monkeypatch):
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or item(self))
+    results = {}
+    for optimizer_class in (HostCheckedSGD, PaperSGD):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        optimizer = optimizer_class([{"params": [model[0].weight, model[2].weight]},
+                                     {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}], lr=0.1)
+        scaler = speed.grad_scaler(SpeedConfig(autocast="fp16"), "cpu")
+        x, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+        reads.clear()
+        for factor in (1.0, float("inf"), 1.0, float("nan"), 1.0):  # two overflowing steps are skipped
+            loss = F.cross_entropy(model(x), labels) * factor
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        host_reads = len(reads)
+        velocities = [optimizer.state[p]["velocity"].clone() for p in model.parameters()]
+        results[optimizer_class] = ([p.detach().clone() for p in model.parameters()], velocities,
+                                    scaler.get_scale(), host_reads)
+    (params, velocities, scale, host_reads), (params2, velocities2, scale2, host_reads2) = results.values()
+    assert host_reads == 5 and host_reads2 == 0  # one .item() per device per step before; none now
+    assert scale2 == scale == 2.0**16 / 4  # both overflows halved the scale
+    for a, b in zip(params + velocities, params2 + velocities2):
+        assert torch.equal(a, b) and torch.isfinite(b).all()

@@ -48,7 +48,8 @@ def test_run_folder_is_the_record(tiny_run):
 def test_checkpoints_load_with_weights_only_and_hold_everything(tiny_run):
     run_dir, _ = tiny_run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert set(checkpoint) >= {"model", "optimizer", "schedule", "epoch", "step", "global_step", "rng", "config"}
+    assert set(checkpoint) >= {"model", "optimizer", "schedule", "epoch", "step", "global_step", "config"}
+    assert "rng" not in checkpoint  # every draw is seeded by (seed, epoch, step): no generator state is needed
     assert checkpoint["global_step"] == 8 and checkpoint["schedule"]["finished"]
     velocities = [s["velocity"] for s in checkpoint["optimizer"]["state"].values()]
     assert len(velocities) == len(checkpoint["model"]) and any(v.abs().sum() > 0 for v in velocities)
@@ -129,6 +130,29 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(demo_store, tmp
     metrics_b = json.loads((killed / "metrics.json").read_text())
     for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop", "history"):
         assert metrics_a[key] == metrics_b[key], key
+
+
+def test_checkpoints_resume_with_any_number_of_gpus(demo_store, tmp_path, monkeypatch):
+    # Checkpoints used to carry every visible GPU's generator state and restore them all: from a 4-GPU box (or
+    # rank 0 under DDP) a resume on 2 GPUs ran into torch.cuda.default_generators[2]. No generator state is needed.
+    train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1"))
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": [torch.get_rng_state()] * 4}  # the old format
+    checkpoint["schedule"]["finished"] = False  # as if killed after the first epoch's checkpoint, with more to go
+    torch.save(checkpoint, path)
+    (tmp_path / "metrics.json").unlink()
+
+    def untouchable(*args):
+        raise AssertionError("a run must not read or restore the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)  # for the environment record
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", untouchable)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", untouchable)
+    metrics = train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=2", "devices=[cpu,cpu]"))
+    assert metrics["epoch"] == 2 and metrics["step"] == 8
 
 
 def test_paper_experiment_refuses_one_device_unless_told(demo_store, tmp_path):

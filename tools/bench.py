@@ -124,7 +124,7 @@ def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
     """Images/s of the 10-patch evaluation (§4.1: 10 views each, softmaxes averaged), default speed options."""
     model = build(SpeedConfig(), device).eval()
     rng = np.random.default_rng(0)
-    augment = Augment(rng.uniform(0, 255, (256, 256, 3)), np.ones(3), np.eye(3), device=device)
+    augment = Augment(rng.uniform(0, 255, (256, 256, 3)), np.ones(3), np.eye(3), devices=model.devices)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
 
     def once():
@@ -227,8 +227,8 @@ def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
         store = PreparedStore(Path(tmp) / "store")
         split, stats = store.split("train"), store.stats()
         split.rows = np.tile(split.rows, -(-batch * (steps + 1) // len(split.rows)))
-        augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], device=devices[0])
-        loader = speed.prefetch(batches(split, batch, workers=2, pin_memory=True), devices[0])
+        augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], devices=model.devices)
+        loader = speed.prefetch(batches(split, batch, workers=2, pin_memory=True), model.devices)
         first = True
         for step, (images, labels) in enumerate(loader):
             trainer.x, trainer.labels = augment.train(images, step_rng(0, 0, step)), labels
