@@ -133,7 +133,7 @@ class EvalConfig:
     checkpoint: str = MISSING
     store: Optional[str] = None  # default: the store the checkpoint was trained on
     devices: Optional[List[str]] = None
-    batch_size: int = 64
+    batch_size: int = 64  # images per batch (x10 views with 10 patches)
     workers: int = 2
     out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
     speed: SpeedConfig = field(default_factory=SpeedConfig)

@@ -9,6 +9,7 @@ per-rank mean losses is the gradient of the global batch's mean loss.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -124,7 +125,10 @@ class World:
         """The model for training steps: under torchrun in DistributedDataParallel, which averages the gradients
         over the ranks during backward. The towers span two devices, so `device_ids` must be None. The model's
         buffers are constants (the LRN's band matrices), so DDP's default broadcast of every buffer before every
-        forward pass (collectives and a sync point per step) is turned off."""
+        forward pass (collectives and a sync point per step) is turned off: `forward_sync_buffers` in torch 2.14
+        and newer, which deprecated `broadcast_buffers` (the same switch in older versions)."""
         if not self.launched:
             return model
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            return DistributedDataParallel(model, device_ids=None, forward_sync_buffers=False)
         return DistributedDataParallel(model, device_ids=None, broadcast_buffers=False)

@@ -20,36 +20,37 @@ from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
 
 
 @torch.no_grad()
-def evaluate(model, augment: Augment, split: Split, crops_per_batch: int, ten_crop: bool, workers: int = 0,
+def evaluate(model, augment: Augment, split: Split, images_per_batch: int, ten_crop: bool, workers: int = 0,
              desc: str | None = None, world: World = World()) -> dict:
-    """Error rates in percent over every usable image of `split`. With `ten_crop`, the softmax outputs of the
-    four corner patches, the centre patch and their reflections are averaged (§4.1); else the centre patch alone.
-    The model is left in eval mode (dropout's outputs x0.5, §4.2). Under torchrun each rank evaluates its share
-    of the images and the counts are summed, so every rank gets the same numbers (and the same schedule)."""
+    """Error rates in percent over every usable image of `split`, `images_per_batch` images at a time (x10 views
+    with `ten_crop`). With `ten_crop`, the softmax outputs of the four corner patches, the centre patch and their
+    reflections are averaged (§4.1); else the centre patch alone. The model is left in eval mode (dropout's outputs
+    x0.5, §4.2). The counts stay on the device until the end (no host sync per batch). Under torchrun each rank
+    evaluates its share of the images and the counts are summed, so every rank gets the same numbers (and the same
+    schedule)."""
     model.eval()
     views = 10 if ten_crop else 1
-    wrong1 = wrong5 = count = 0
-    loader = batches(split.part(world.rank, world.size), max(1, crops_per_batch // views), shuffle=False,
-                     drop_last=False, workers=workers)
+    wrong, count = torch.zeros(2, dtype=torch.int64, device=augment.device), 0  # wrong at top-1 and top-5
+    loader = batches(split.part(world.rank, world.size), images_per_batch, shuffle=False, drop_last=False,
+                     workers=workers, pin_memory=augment.device.type == "cuda")
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=desc is None or None, dynamic_ncols=True):
         logits = model(augment.test_views(images, ten_crop))
         probs = logits.float().softmax(dim=-1).view(len(images), views, -1).mean(dim=1)
-        top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
-        hits = top == labels[:, None]
-        wrong1 += int((~hits[:, 0]).sum())
-        wrong5 += int((~hits.any(dim=1)).sum())
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
+        hits = top == labels.to(augment.device, non_blocking=True)[:, None]
+        wrong += torch.stack([(~hits[:, 0]).sum(), (~hits.any(dim=1)).sum()])
         count += len(labels)
-    wrong1, wrong5, count = world.sum(torch.tensor([wrong1, wrong5, count], device=augment.device)).tolist()
+    wrong1, wrong5, count = world.sum(torch.cat([wrong, wrong.new_tensor([count])])).tolist()
     return {"top1_err": 100.0 * wrong1 / count, "top5_err": 100.0 * wrong5 / count, "images": count}
 
 
-def evaluate_views(model, augment: Augment, split: Split, crops_per_batch: int, workers: int = 0,
+def evaluate_views(model, augment: Augment, split: Split, images_per_batch: int, workers: int = 0,
                    desc: str | None = None, world: World = World()) -> dict:
     """`top1_err_1crop`, `top5_err_1crop`, `top1_err_10crop`, `top5_err_10crop` and `val_images`: the metrics the
     paper reports (§6), over the whole split."""
     metrics = {}
     for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
-        result = evaluate(model, augment, split, crops_per_batch, ten_crop, workers,
+        result = evaluate(model, augment, split, images_per_batch, ten_crop, workers,
                           desc=f"{desc} {suffix}" if desc else None, world=world)
         metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"],
                         "val_images": result["images"]})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -150,21 +151,20 @@ def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ac
     while len(record["train_error"]) < settings["epochs"]:
         epoch, start = len(record["train_error"]), time.perf_counter()
         order = torch.from_numpy(epoch_order(len(labels), settings["seed"], epoch, shuffle=True)).to(device)
-        wrong, loss_sum, finite = 0, 0.0, True
+        # counted on the device and read once per epoch, so the host never waits for a GPU inside an epoch
+        wrong, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
         net.train()
         for first in range(0, len(order), batch_size):
             rows = order[first:first + batch_size]
             logits = net((images[rows].float() - mean) * scale)
             loss = F.cross_entropy(logits, labels[rows])
-            if not torch.isfinite(loss):
-                finite = False
-                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            wrong += int((logits.argmax(1) != labels[rows]).sum())
-            loss_sum += loss.item() * len(rows)
-        if not finite:
+            wrong += (logits.detach().argmax(1) != labels[rows]).sum()
+            loss_sum += loss.detach().double() * len(rows)
+        wrong, loss_sum = int(wrong), float(loss_sum)
+        if not math.isfinite(loss_sum):  # the epoch is discarded: its weights are not saved
             record["stopped"] = f"diverged in epoch {epoch + 1}"
             log(f"{activation} lr={lr:g}: the loss became non-finite in epoch {epoch + 1}; run stopped")
             break

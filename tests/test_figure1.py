@@ -126,6 +126,23 @@ def test_ratio_and_its_lower_bound():
     assert results["ratio"] is None and results["ratio_more_than"] == 3.5  # 7 epochs without reaching it vs 2
 
 
+def test_an_epoch_reads_the_device_once_whatever_its_steps(tmp_path):
+    from test_model import HostSyncs
+
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 3
+    syncs = []
+    for batch_size in (8, 32):  # 8 steps an epoch, then 2
+        settings = {"seed": 0, "init": "paper", "batch_size": batch_size, "momentum": 0.9, "epochs": 1,
+                    "extra_epochs": None, "threshold": 0.25}
+        with HostSyncs() as recorder:
+            record = relu_tanh.train_curve(images, labels, 3, "relu", 0.001, settings, tmp_path / "none.pt", "cpu",
+                                           log=lambda *a: None)
+        syncs.append(recorder.count)
+        assert len(record["train_error"]) == 1
+    assert syncs[0] == syncs[1] <= 3  # counted once per epoch, not per step
+
+
 def test_tool_writes_figure_and_results(folders, tmp_path, capsys):
     out = tmp_path / "fig"
     assert main(quick_args(folders, out, "--seed", "3")) == 0

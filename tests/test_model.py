@@ -125,6 +125,19 @@ class CrossDeviceCopies(TorchDispatchMode):
         return out
 
 
+class HostSyncs(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (`.item()`, `int(t)`, `bool(t)`, ...): on a GPU each one
+    waits for the GPU to finish all the work queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_placement_on_two_fake_gpus(training):
     with FakeTensorMode():
