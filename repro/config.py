@@ -70,17 +70,18 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     decay_biases: bool = True  # the 2012 code decayed weights only
+    bias_lr: Optional[float] = None  # null: the weights' rate (§5); a number: a fixed rate (2012 run #145: epsB 0.02)
 
 
 @dataclass
 class ScheduleConfig:
-    """`plateau` (§5) or `milestones` (the 2012 run); see repro/optim.py, `Schedule`."""
+    """`plateau` (§5) or `milestones` (the 2012 run); see repro/optim.py, `Schedule`. Epochs are counted from 0."""
 
     kind: ScheduleKind = ScheduleKind.plateau
     patience: int = 5
     max_drops: int = 3
     max_epochs: int = 90
-    milestones: List[int] = field(default_factory=lambda: [25, 51, 79])
+    milestones: List[int] = field(default_factory=lambda: [24, 50, 78])
     conv1_slow_epoch: Optional[int] = None
     conv1_slow_lr: float = 1e-5
     conv1_freeze_epoch: Optional[int] = None

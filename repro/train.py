@@ -31,7 +31,7 @@ from repro.data import Augment, PreparedStore, Split, StoreError, batches, step_
 from repro.distributed import World
 from repro.evaluate import evaluate, evaluate_views
 from repro.figures import conv1_colour, conv1_grids
-from repro.optim import PaperSGD, Schedule, param_groups
+from repro.optim import PaperSGD, Schedule, load_state, param_groups
 from repro.paper import PAPER_METRICS, comparison_table
 from repro.prepare import atomic_write, write_json
 from repro.runtime import CONF_DIR, RunError, environment, load_checkpoint, save_checkpoint, set_determinism
@@ -162,7 +162,7 @@ class Run:
         self.scaler = speed.grad_scaler(cfg.speed, self.devices[0])
         self.optimizer = PaperSGD(param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
                                   lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-        self.schedule = Schedule(lr=cfg.optim.lr, **self.record["schedule"])
+        self.schedule = Schedule(lr=cfg.optim.lr, bias_lr=cfg.optim.bias_lr, **self.record["schedule"])
         self.epoch = self.step = self.global_step = 0
         self.history: list[dict] = []
         self.resumed = (self.checkpoints / "last.pt").is_file()
@@ -202,7 +202,7 @@ class Run:
                            f"{[saved.get(k) for k in changed]} there, {[now[k] for k in changed]} now); "
                            "resume with the same settings, or start a new run in another hydra.run.dir")
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        load_state(self.optimizer, checkpoint["optimizer"], self.model)
         if checkpoint.get("scaler"):  # empty when the run was not in fp16 then
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.schedule.load_state_dict(checkpoint["schedule"])
@@ -217,7 +217,8 @@ class Run:
         cfg = self.cfg
         self.schedule.apply(self.optimizer, self.epoch)
         self.augment.pca_lighting = cfg.data.pca_lighting and self.schedule.colour_noise(self.epoch)
-        lr = self.schedule.lr(self.epoch)
+        rates = self.schedule.rates(self.epoch)  # lr, and bias_lr when the biases have a rate of their own
+        log.info(self.schedule.describe(self.epoch))
         self.net.train()
         shard = (self.world.rank, self.world.size)
         loader = batches(self.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=self.epoch,
@@ -270,15 +271,17 @@ class Run:
                 train_err = 100.0 * window_wrong.item() / window_images
                 writer.add_scalar("train/loss", mean_loss, self.global_step)
                 writer.add_scalar("train/top1_err", train_err, self.global_step)
-                writer.add_scalar("lr", lr, self.global_step)
+                for tag, value in rates.items():
+                    writer.add_scalar(tag, value, self.global_step)
                 writer.add_scalar("perf/images_per_s", rate, self.global_step)
                 writer.add_scalar("perf/data_wait_fraction", data_wait / seconds, self.global_step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.0e}", img_s=f"{rate:.1f}",
-                                wait=f"{100 * data_wait / seconds:.0f}%")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", **{k: f"{v:.0e}" for k, v in rates.items()},
+                                img_s=f"{rate:.1f}", wait=f"{100 * data_wait / seconds:.0f}%")
                 if bar.disable:
                     eta = (self.steps_per_epoch - self.step) * seconds / window_steps
                     log.info(f"epoch {self.epoch} step {self.step}/{self.steps_per_epoch} loss {mean_loss:.4f} "
-                             f"train_err {train_err:.1f}% lr {lr:.0e} {rate:.1f} img/s data wait "
+                             f"train_err {train_err:.1f}% {' '.join(f'{k} {v:.0e}' for k, v in rates.items())} "
+                             f"{rate:.1f} img/s data wait "
                              f"{100 * data_wait / seconds:.0f}% epoch eta {eta / 60:.1f} min")
                 window_loss.zero_()
                 window_wrong.zero_()
@@ -293,7 +296,7 @@ class Run:
         cfg = self.cfg
         centre = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, False, cfg.data.workers,
                           world=self.world)
-        entry = {"epoch": self.epoch, "lr": self.schedule.lr(self.epoch), "top1_err_1crop": centre["top1_err"],
+        entry = {"epoch": self.epoch, **self.schedule.rates(self.epoch), "top1_err_1crop": centre["top1_err"],
                  "top5_err_1crop": centre["top5_err"]}
         if cfg.ten_crop_every and (self.epoch + 1) % cfg.ten_crop_every == 0:
             ten = evaluate(self.model, self.augment, self.val_split, cfg.eval_batch_size, True, cfg.data.workers,

@@ -45,3 +45,26 @@ def test_bad_values_fail_when_composed(override, message):
     with pytest.raises(ConfigCompositionException) as err:
         compose_train(override)
     assert message in str(err.value) + str(err.value.__cause__)
+
+
+def test_cuda_convnet_experiment_replays_run_145s_optimisation():
+    """Run #145's notes count epochs from 1; here they count from 0, so every notes epoch N is N-1."""
+    cfg = compose_train("experiment=cuda_convnet")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.01, 0.9, 5e-4)
+    assert cfg.optim.decay_biases is False and cfg.optim.bias_lr == 0.02
+    assert cfg.schedule.kind.name == "milestones" and list(cfg.schedule.milestones) == [24, 50, 78]
+    assert (cfg.schedule.conv1_slow_epoch, cfg.schedule.conv1_slow_lr, cfg.schedule.conv1_freeze_epoch,
+            cfg.schedule.max_epochs) == (66, 1e-5, 71, 90)
+
+
+def test_paper_experiment_biases_follow_the_text():
+    cfg = compose_train("experiment=paper")
+    assert cfg.optim.decay_biases is True and cfg.optim.bias_lr is None and cfg.schedule.kind.name == "plateau"
+
+
+@pytest.mark.parametrize("experiment, milestones, max_epochs", [("demo", [2], 3), ("tiny", [1], 2)])
+def test_small_experiments_keep_their_own_schedule(experiment, milestones, max_epochs):
+    cfg = compose_train(f"experiment={experiment}")
+    assert list(cfg.schedule.milestones) == milestones and cfg.schedule.max_epochs == max_epochs
+    assert cfg.schedule.conv1_slow_epoch is None and cfg.schedule.conv1_freeze_epoch is None
+    assert cfg.optim.bias_lr is None and cfg.optim.decay_biases is True

@@ -42,6 +42,9 @@ def test_run_folder_is_the_record(tiny_run):
     log = (run_dir / "train.log").read_text()
     assert '"torch": "' in log and '"git_commit"' in log and "experiment" not in log.split("config:")[0]
     assert "batch_size: 4" in log  # the full config
+    assert "epoch 1 (counted from 0; the 2012 notes count from 1: their epoch 2): lr conv1_weights 0.001," in log
+    assert [entry["lr"] for entry in metrics["history"]] == [0.01, 0.001]  # tiny: lr /10 from epoch 1
+    assert all("bias_lr" not in entry for entry in metrics["history"])  # the biases learn at the weights' rate
     assert "paper, Table 2, 1 CNN" in result.stdout  # the comparison table is printed at the end
 
 
@@ -207,6 +210,19 @@ def test_training_batches_are_shuffled_with_the_configured_workers(demo_store, t
     train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1", "data.workers=0"))
     training = [c for c in calls if c.get("shuffle", True)]
     assert training and all(c["workers"] == 0 and c["epoch"] == 0 for c in training)
+
+
+def test_a_bias_rate_of_its_own_is_logged_beside_the_weights_rate(demo_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1", "optim.bias_lr=0.02"))
+    assert metrics["history"][0]["lr"] == 0.01 and metrics["history"][0]["bias_lr"] == 0.02
+    log = (tmp_path / "train.log").read_text()
+    assert ("epoch 0 (counted from 0; the 2012 notes count from 1: their epoch 1): lr conv1_weights 0.01, "
+            "conv1_biases 0.02, weights 0.01, biases 0.02") in log
+    assert re.search(r"epoch 0 step \d+/\d+ .* lr 1e-02 bias_lr 2e-02 ", log)
+    scalars = EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
+    assert {"lr", "bias_lr"} <= set(scalars)
 
 
 def test_flat_loss_warning_names_the_cause():
