@@ -12,7 +12,7 @@ DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
 comma := ,
-FIGURES ?= $(if $(OUT),$(OUT),docs/figures)
+OUT ?= docs/figures
 NPROC ?= 1
 NNODES ?= 1
 RDZV ?=
@@ -37,32 +37,32 @@ test-all: $(INSTALLED) ## every test, the slow ones included
 train: prepare-demo ## the whole job on the demo data: generate, prepare, train, 10-patch eval, result table
 	$(BIN)/repro-train experiment=demo $(ARGS)
 
-train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet IMAGENET=/path/to/ilsvrc [STORE=...] [ARGS=...]
-	@test -n "$(IMAGENET)" || { echo "usage: make train-imagenet IMAGENET=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)]" >&2; exit 2; }
-	@case "$(ARGS)" in *devices=*) ;; *) $(BIN)/python -m repro.runtime ;; esac  # two GPUs, before hours of preparation
-	test -f $(STORE)/manifest.json || $(BIN)/repro-prepare $(IMAGENET) $(STORE)
+train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet RAW=/path/to/ilsvrc [STORE=...] [ARGS=...]
+	@test -n "$(RAW)" || { echo "usage: make train-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)]" >&2; exit 2; }
+	@case "$(ARGS)" in *devices=*) ;; *) $(BIN)/repro-gpus ;; esac  # two GPUs, before hours of preparation
+	test -f $(STORE)/manifest.json || $(BIN)/repro-prepare raw=$(RAW) store=$(STORE)
 	$(BIN)/repro-train experiment=paper data.store=$(STORE) $(ARGS)
 
 train-ddp: $(INSTALLED) ## DDP, one process per GPU pair: make train-ddp NPROC=2 [NNODES=2 RDZV=host:port] ARGS='experiment=paper data.store=...'
 	@test -n "$(ARGS)" || { echo "usage: make train-ddp NPROC=<processes per node, each with two GPUs> [NNODES=<nodes> RDZV=<host:port of node 0>] ARGS='experiment=... data.store=... [hydra.run.dir=...]'" >&2; exit 2; }
 	$(BIN)/torchrun --nnodes $(NNODES) --nproc_per_node $(NPROC) \
-	  $(if $(RDZV),--rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id $(RDZV_ID),--standalone) -m repro.train $(ARGS)
+	  $(if $(RDZV),--rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id $(RDZV_ID),--standalone) $(BIN)/repro-train $(ARGS)
 
 eval: $(INSTALLED) ## evaluate a checkpoint (centre crop and 10 patches): make eval CKPT=runs/.../checkpoints/best.pt
-	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint> [ARGS='store=... devices=[cpu,cpu]']" >&2; exit 2; }
-	$(BIN)/repro-eval checkpoint=$(CKPT) $(ARGS)
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint> [STORE=...] [ARGS='devices=[cpu,cpu]']" >&2; exit 2; }
+	$(BIN)/repro-eval checkpoint=$(CKPT) $(if $(filter-out file,$(origin STORE)),store=$(STORE)) $(ARGS)
 
 resume: $(INSTALLED) ## continue a run from its last checkpoint: make resume RUN=runs/<name>/<time>
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=<run folder> [ARGS=...]" >&2; exit 2; }
-	$(BIN)/repro-resume $(RUN) $(ARGS)
+	$(BIN)/repro-resume run_dir=$(RUN) $(ARGS)
 
 report: $(INSTALLED) ## a finished run beside the paper's numbers (report.md): make report RUN=runs/<name>/<time>
 	@test -n "$(RUN)" || { echo "usage: make report RUN=<run folder>" >&2; exit 2; }
-	$(BIN)/repro-report $(RUN)
+	$(BIN)/repro-report run_dir=$(RUN)
 
 figures: $(INSTALLED) ## the paper's Figures 3 and 4 into RUN/figures/: make figures RUN=runs/<name>/<time> [ARGS=...]
-	@test -n "$(RUN)" || { echo "usage: make figures RUN=<run folder or checkpoint> [ARGS='--which conv1,neighbours,top5 --queries N --devices cpu,cpu']" >&2; exit 2; }
-	$(BIN)/repro-figures $(RUN) $(ARGS)
+	@test -n "$(RUN)" || { echo "usage: make figures RUN=<run folder> [ARGS='which=[conv1,neighbours,top5] queries=N devices=[cpu,cpu]']" >&2; exit 2; }
+	$(BIN)/repro-figures run_dir=$(RUN) $(ARGS)
 
 tb: $(INSTALLED) ## TensorBoard over every run in runs/ and multirun/
 	$(BIN)/tensorboard --logdir_spec runs:runs,multirun:multirun
@@ -77,7 +77,7 @@ define ablate
 	sweep=$(or $(SWEEP),multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)); \
 	$(BIN)/repro-train --multirun experiment=$(EXPERIMENT) name=$(1) ablation=$(2) seed=$(SEEDS) \
 	    $(if $(filter-out file,$(origin STORE)),data.store=$(STORE)) hydra.sweep.dir=$$sweep $(ARGS); status=$$?; \
-	$(BIN)/repro-ablation-report $$sweep && exit $$status
+	$(BIN)/repro-ablation-report sweep=$$sweep && exit $$status
 endef
 
 ablate-lrn: $(ABLATION_DEPS) ## with and without response normalisation (§3.3): make ablate-lrn [EXPERIMENT=demo] [STORE=...]
@@ -100,17 +100,17 @@ ablations: $(ABLATION_DEPS) ## all five ablations in one sweep with one shared b
 
 ablation-report: $(INSTALLED) ## summary.md/.json/.png of a sweep: make ablation-report SWEEP=multirun/<name>/<time>
 	@test -n "$(SWEEP)" || { echo "usage: make ablation-report SWEEP=<sweep folder, e.g. multirun/ablations/2026-...>" >&2; exit 2; }
-	$(BIN)/repro-ablation-report $(SWEEP)
+	$(BIN)/repro-ablation-report sweep=$(SWEEP)
 
 demo-data: $(INSTALLED) ## write the synthetic demo set (ILSVRC-2012 layout) to data/demo/raw
-	$(BIN)/repro-demo-data --out $(DEMO_RAW)
+	$(BIN)/repro-demo-data raw=$(DEMO_RAW)
 
 prepare-demo: demo-data ## prepare the demo set into data/demo/store (its one truncated file is skipped on purpose)
-	$(BIN)/repro-prepare $(DEMO_RAW) $(DEMO_STORE) --skip-bad
+	$(BIN)/repro-prepare raw=$(DEMO_RAW) store=$(DEMO_STORE) skip_bad=true
 
-prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagenet RAW=/path/to/ilsvrc OUT=/fast/disk/store
-	@test -n "$(RAW)" -a -n "$(OUT)" || { echo "usage: make prepare-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> OUT=<store folder> [ARGS=--skip-bad]" >&2; exit 2; }
-	$(BIN)/repro-prepare $(RAW) $(OUT) $(ARGS)
+prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagenet RAW=/path/to/ilsvrc [STORE=/fast/disk/store]
+	@test -n "$(RAW)" || { echo "usage: make prepare-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)] [ARGS=skip_bad=true]" >&2; exit 2; }
+	$(BIN)/repro-prepare raw=$(RAW) store=$(STORE) $(ARGS)
 
 bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench_data.py
@@ -118,9 +118,9 @@ bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,
 bench: bench-data ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench.py
 
-figure1: $(INSTALLED) ## the paper's Figure 1 (ReLU vs tanh, CIFAR-10): make figure1 CIFAR=<class folders or CIFAR-10 root> [OUT=docs/figures] [ARGS=...]
-	@test -n "$(CIFAR)" || { echo "usage: make figure1 CIFAR=<CIFAR-10 class folders (<class>/*.jpg or train/<class>/) or a torchvision CIFAR-10 root> [OUT=$(FIGURES)] [ARGS='--download --limit 5000 ...']" >&2; exit 2; }
-	$(BIN)/repro-figure1 --data $(CIFAR) --out $(FIGURES) $(ARGS)
+figure1: $(INSTALLED) ## the paper's Figure 1 (ReLU vs tanh, CIFAR-10): make figure1 DATA=<class folders or CIFAR-10 root> [OUT=docs/figures] [ARGS=...]
+	@test -n "$(DATA)" || { echo "usage: make figure1 DATA=<CIFAR-10 class folders (<class>/*.jpg or train/<class>/) or a torchvision CIFAR-10 root> [OUT=$(OUT)] [ARGS='download=true limit=5000 ...']" >&2; exit 2; }
+	$(BIN)/repro-figure1 data=$(DATA) out=$(OUT) $(ARGS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) *.egg-info .pytest_cache

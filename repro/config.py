@@ -1,49 +1,60 @@
-"""Dataclass schemas for the Hydra configs, so that a typo or a wrong type fails when the config is composed.
+"""Dataclass schemas for the Hydra configs, so that a typo or a wrong type fails when the config is composed, and
+the builders that turn config nodes into the model and the augmentation.
 
-Only the entry points and this module know about Hydra; `build_model` turns a config node into plain keywords.
+Every list of choices comes from the code that uses it (the model's presets and choices, `Augment`'s, the
+schedules', the autocast types): the schema and the code cannot disagree. Only the entry points and this module
+know about Hydra.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from repro import data as data_lib
 from repro import model as model_lib
+from repro import optim as optim_lib
+from repro import speed as speed_lib
 
-# Enumerations made from the model's own lists of allowed values, so the two can never disagree.
-Preset = Enum("Preset", {name: name for name in model_lib.PRESETS})
-LrnPosition = Enum("LrnPosition", {v: v for v in model_lib.CHOICES["lrn_position"]})
-DropoutStyle = Enum("DropoutStyle", {v: v for v in model_lib.CHOICES["dropout_style"]})
-Conv1Padding = Enum("Conv1Padding", {v: v for v in model_lib.CHOICES["conv1_padding"]})
-Init = Enum("Init", {v: v for v in model_lib.CHOICES["init"]})
+# The Hydra configs live beside the package in the source tree (an editable install keeps them there).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@dataclass
-class ModelConfig:
-    """`preset` sets every option; an option left at null takes the preset's value (see repro/model.py)."""
-
-    preset: Preset = Preset.paper
-    num_classes: Optional[int] = None  # null: the prepared store's class count (1000 for ILSVRC-2012)
-    lrn: Optional[bool] = None
-    lrn_position: Optional[LrnPosition] = None
-    lrn_alpha_over_n: Optional[bool] = None
-    spatial_norm: Optional[bool] = None
-    overlap_pool: Optional[bool] = None
-    towers: Optional[int] = None
-    dropout: Optional[bool] = None
-    dropout_style: Optional[DropoutStyle] = None
-    conv1_padding: Optional[Conv1Padding] = None
-    init: Optional[Init] = None
-    init_bias: Optional[float] = None
+def choices(name: str, values) -> type[Enum]:
+    """An enumeration of the allowed values of a setting, named by them."""
+    return Enum(name, {str(v): v for v in values})
 
 
-LightingStyle = Enum("LightingStyle", {v: v for v in ("paper", "cuda_convnet")})
-MeanCrop = Enum("MeanCrop", {v: v for v in ("center", "aligned")})
-ScheduleKind = Enum("ScheduleKind", {v: v for v in ("plateau", "milestones")})
+Preset = choices("Preset", model_lib.PRESETS)
+
+
+def _model_option_type(key: str, default) -> type:
+    allowed = model_lib.CHOICES.get(key)
+    if allowed and all(isinstance(v, str) for v in allowed):
+        return choices("".join(part.title() for part in key.split("_")), allowed)
+    return type(default)  # numbers and booleans; AlexNet checks the allowed numbers (towers)
+
+
+# `preset` sets every option; an option left at null takes the preset's value (repro/model.py, PRESETS). The
+# options are the presets' own keys.
+ModelConfig = make_dataclass("ModelConfig", [
+    ("preset", Preset, field(default=Preset.paper)),
+    ("num_classes", Optional[int], field(default=None)),  # null: the store's class count (1000 for ILSVRC-2012)
+    *((key, Optional[_model_option_type(key, default)], field(default=None))
+      for key, default in model_lib.PRESETS["paper"].items())])
+ModelConfig.__doc__ = "The network: a preset and any of its options (repro/model.py); null keeps the preset's."
+
+LightingStyle = choices("LightingStyle", data_lib.LIGHTING_STYLES)
+MeanCrop = choices("MeanCrop", data_lib.MEAN_CROPS)
+ScheduleKind = choices("ScheduleKind", optim_lib.SCHEDULE_KINDS)
+Autocast = choices("Autocast", [name for name in speed_lib.AUTOCAST_DTYPES if name])
 
 
 @dataclass
@@ -57,7 +68,7 @@ class DataConfig:
     pca_std: float = 0.1
     lighting_style: LightingStyle = LightingStyle.paper
     mean_crop: MeanCrop = MeanCrop.center
-    crop_chunk: int = 1
+    crop_chunk: int = 1  # or 32
     limit_train: Optional[int] = None  # use a seeded random subset of this many training images (quick looks)
     limit_val: Optional[int] = None  # likewise for validation; metrics then do not cover the whole split
 
@@ -85,9 +96,6 @@ class ScheduleConfig:
     conv1_slow_epoch: Optional[int] = None
     conv1_slow_lr: float = 1e-5
     conv1_freeze_epoch: Optional[int] = None
-
-
-Autocast = Enum("Autocast", {v: v for v in ("bf16", "fp16")})
 
 
 @dataclass
@@ -140,24 +148,130 @@ class EvalConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
+# The other commands' settings (repro/cli.py), given as key=value like the training's.
+
+
+@dataclass
+class PrepareConfig:
+    """Prepare ILSVRC-2012 once (§2): raw=<folder with the three archives, or train/ and val/ folders>
+    store=<folder for the prepared store, ~250 GB>; skip_bad=true leaves unreadable files out; workers: processes
+    (null: every core); draft=false decodes large JPEGs at full size."""
+
+    raw: str = MISSING
+    store: str = MISSING
+    skip_bad: bool = False
+    workers: Optional[int] = None
+    draft: bool = True
+
+
+@dataclass
+class DemoDataConfig:
+    """Write a small synthetic ILSVRC-2012 (its archives and devkit) into raw=<folder>: `classes` classes (2 to
+    20), `train_per_class` and `val_per_class` images each, from `seed`."""
+
+    raw: str = "data/demo/raw"
+    classes: int = 10
+    train_per_class: int = 260
+    val_per_class: int = 30
+    seed: int = 0
+
+
+@dataclass
+class ReportConfig:
+    """A finished run beside the paper's numbers: run_dir=<a repro-train run folder> (writes report.md there)."""
+
+    run_dir: str = MISSING
+
+
+@dataclass
+class FiguresConfig:
+    """The paper's Figures 3 and 4 into <run>/figures/ and its TensorBoard: run_dir=<run folder> (its last.pt) or
+    checkpoint=<file>; which: any of conv1, neighbours, top5; queries: validation images per Figure 4 panel (null:
+    the paper's 8 and 5); store: null for the run's own; devices: null for what exists."""
+
+    run_dir: Optional[str] = None
+    checkpoint: Optional[str] = None
+    which: List[str] = field(default_factory=lambda: ["conv1", "neighbours", "top5"])
+    store: Optional[str] = None
+    devices: Optional[List[str]] = None
+    queries: Optional[int] = None
+    batch_size: int = 64
+    workers: int = 2
+
+
+@dataclass
+class Figure1Config:
+    """The paper's Figure 1 (ReLU vs tanh on CIFAR-10): data=<CIFAR-10 class folders, or a torchvision CIFAR-10
+    root (download=true fetches it)>, out=<folder for figure1_relu_tanh.json/.png>; one run per activation and
+    learning rate in `lrs`, at most `epochs` epochs, stopping `extra_epochs` after 25% (null: never early);
+    init=paper (N(0, 0.01), raw pixels) or default (PyTorch's, unit-variance inputs); limit: a random subset."""
+
+    data: str = MISSING
+    out: str = "docs/figures"
+    epochs: int = 40
+    extra_epochs: Optional[int] = 5
+    lrs: List[float] = field(default_factory=lambda: [0.0005, 0.001, 0.002])
+    activations: List[str] = field(default_factory=lambda: ["relu", "tanh"])
+    init: str = "paper"
+    seed: int = 0
+    limit: Optional[int] = None
+    batch_size: int = 128
+    device: str = "cpu"
+    download: bool = False
+
+
+@dataclass
+class AblationReportConfig:
+    """An ablation sweep's summary.md/.json/.png: sweep=<a multirun/<name>/<time> folder>."""
+
+    sweep: str = MISSING
+
+
+TOOL_CONFIGS = {"prepare": PrepareConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
+                "figures": FiguresConfig, "figure1": Figure1Config, "ablation_report": AblationReportConfig}
+
+
 def register_configs() -> None:
-    """Make the schemas available to the YAML files under conf/ (`defaults: [schema, _self_]`)."""
+    """Make the schemas available to the YAML files under conf/ (`defaults: [schema, _self_]`) and, as
+    `<tool>_schema`, to the other commands."""
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    for tool, schema in TOOL_CONFIGS.items():
+        store.store(name=f"{tool}_schema", node=schema)
 
 
 register_configs()
 
 
-def model_kwargs(node: Any) -> dict:
-    """A model config node as `AlexNet` keywords: enums become their names, unset options are left out."""
+def plain(node: Any) -> dict:
+    """A config node (or dict) as a dict of plain values: enums become their names."""
     container = OmegaConf.to_container(node, enum_to_str=True) if isinstance(node, DictConfig) else dict(node)
-    return {key: value.name if isinstance(value, Enum) else value
-            for key, value in container.items() if value is not None}
+    return {key: value.name if isinstance(value, Enum) else value for key, value in container.items()}
+
+
+def model_kwargs(node: Any) -> dict:
+    """A model config node as `AlexNet` keywords: unset options are left out."""
+    return {key: value for key, value in plain(node).items() if value is not None}
 
 
 def build_model(node: Any, devices: Sequence = ("cpu", "cpu")) -> model_lib.AlexNet:
     """The network a `model` config node describes, with its towers on `devices`."""
     return model_lib.AlexNet(devices=devices, **model_kwargs(node))
+
+
+# The data settings that are `Augment`'s options: its keyword parameters after the statistics and the devices.
+AUGMENT_OPTIONS = tuple(inspect.signature(data_lib.Augment).parameters)[4:]
+
+
+def augment_options(node: Any) -> dict:
+    """The augmentation's settings among a `data` config node's (for `Augment` and the run's record)."""
+    settings = plain(node)
+    return {key: settings[key] for key in AUGMENT_OPTIONS}
+
+
+def build_augment(node: Any, stats: dict[str, np.ndarray], devices: Sequence) -> data_lib.Augment:
+    """The input pipeline a `data` config node describes, with a store's statistics, on the towers' `devices`."""
+    return data_lib.Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], devices=devices,
+                            **augment_options(node))

@@ -1,100 +1,27 @@
-"""Reading a prepared store and the paper's augmentation, done on the training device as batched tensor ops.
+"""The loader and the paper's augmentation, done on the towers' devices as batched tensor ops.
 
-The loader ships uint8 256x256 images (pinned, from worker processes); `Augment` turns them into the network's
-input on the device: a random 224x224 crop and horizontal flip (§4.1), PCA colour noise (§4.1), minus the mean
-image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a batch is the same on
+The loader ships uint8 256x256 images of a prepared store (`repro.store`), pinned, from worker processes; `Augment`
+turns them into the network's input on each tower's device: a random 224x224 crop and horizontal flip (§4.1), PCA
+colour noise (§4.1), minus the mean image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a batch is the same on
 any device and after any resume.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repro.prepare import read_devkit, usable_rows
+from repro.store import SIZE, Split
 
 CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
-BORDER = 32  # 256 - 224: offsets 0..32 in each axis (the 2012 code's 33 positions)
-CHUNK = 32  # the 2012 code shared one crop offset and flip among each 32 consecutive images
-
-
-class StoreError(Exception):
-    """A prepared store that is missing, unfinished or inconsistent, explained for the user."""
-
-
-class PreparedStore:
-    """A folder written by `repro.prepare`: per split images.npy/labels.npy, plus stats.npz and manifest.json."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        manifest = self.root / "manifest.json"
-        if not manifest.is_file():
-            hint = ("its preparation did not finish: run the same prepare command again"
-                    if any((self.root / s / "progress.npy").exists() for s in ("train", "val"))
-                    else "prepare one with `make prepare-imagenet RAW=... OUT=...`")
-            raise StoreError(f"{self.root} is not a complete prepared store (no manifest.json); {hint}")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-        except ValueError as error:
-            raise StoreError(f"{manifest} is damaged ({error}); prepare the store again") from None
-        self.classes: list[str] = self.manifest["classes"]
-
-    @property
-    def description(self) -> str:
-        """What the store holds, for reports: the demo's made-up WNIDs all start with n9, real ones never do."""
-        if all(wnid.startswith("n9") for wnid in self.classes):
-            return "the demo data"
-        return "ILSVRC-2012" if len(self.classes) == 1000 else f"a {len(self.classes)}-class ImageNet subset"
-
-    @property
-    def class_names(self) -> list[str]:
-        """Each class's devkit `words` ("tench, Tinca tinca"), in label order. Stores prepared before the names
-        were recorded read them from their devkit if it is still there; stores without a devkit (class folders
-        only) have their WNIDs."""
-        if self.manifest.get("class_names"):
-            return self.manifest["class_names"]
-        devkit = self.manifest.get("devkit")
-        if devkit and Path(devkit).exists():
-            words = read_devkit(Path(devkit))[2]
-            return [words.get(wnid, wnid) for wnid in self.classes]
-        return list(self.classes)
-
-    def split(self, name: str) -> "Split":
-        if name not in self.manifest["splits"]:
-            raise StoreError(f"{self.root} has no {name!r} split (it has {sorted(self.manifest['splits'])})")
-        return Split(self.root / name, self.manifest["splits"][name])
-
-    def stats(self) -> dict[str, np.ndarray]:
-        """The training set's mean image (256x256x3) and RGB eigenvalues/eigenvectors (0-255 scale)."""
-        path = self.root / "stats.npz"
-        if not path.is_file():
-            raise StoreError(f"{path} is missing: the statistics come from the training split; prepare it too")
-        with np.load(path) as stats:
-            return {key: stats[key] for key in stats.files}
-
-
-class Split:
-    """One split's rows: the usable ones are every row but the files the prepare skipped."""
-
-    def __init__(self, folder: Path, info: dict):
-        self.images_path = folder / "images.npy"
-        self.labels = np.load(folder / "labels.npy").astype(np.int64)
-        self.rows = usable_rows(info)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def part(self, index: int, parts: int) -> "Split":
-        """Contiguous share `index` of `parts` of the rows (one rank's share of the validation images)."""
-        share = copy.copy(self)
-        share.rows = np.array_split(self.rows, parts)[index]
-        return share
+BORDER = SIZE - CROP  # offsets 0..32 in each axis (the 2012 code's 33 positions)
+# The choices of `Augment` (the config's enums are made from these).
+LIGHTING_STYLES = ("paper", "cuda_convnet")
+MEAN_CROPS = ("center", "aligned")
+CROP_CHUNKS = (1, 32)  # 32: the 2012 code shared one crop offset and flip among each 32 consecutive images
 
 
 def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -176,12 +103,10 @@ class Augment:
     def __init__(self, mean_image: np.ndarray, eigvals: np.ndarray, eigvecs: np.ndarray,
                  devices: Sequence[str | torch.device] = ("cpu",), pca_lighting: bool = True, pca_std: float = 0.1,
                  lighting_style: str = "paper", mean_crop: str = "center", crop_chunk: int = 1):
-        if lighting_style not in ("paper", "cuda_convnet"):
-            raise ValueError(f"lighting_style must be 'paper' or 'cuda_convnet', got {lighting_style!r}")
-        if mean_crop not in ("center", "aligned"):
-            raise ValueError(f"mean_crop must be 'center' or 'aligned', got {mean_crop!r}")
-        if crop_chunk not in (1, CHUNK):
-            raise ValueError(f"crop_chunk must be 1 or {CHUNK}, got {crop_chunk}")
+        for name, value, allowed in (("lighting_style", lighting_style, LIGHTING_STYLES),
+                                     ("mean_crop", mean_crop, MEAN_CROPS), ("crop_chunk", crop_chunk, CROP_CHUNKS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         self.devices = [torch.device(d) for d in devices]
         self.device = self.devices[0]  # where the logits, labels and metrics are
         self.mean = torch.as_tensor(mean_image, dtype=torch.float32).permute(2, 0, 1)  # [3, 256, 256], CPU

@@ -21,20 +21,19 @@ diagonal stripes, draws both directions), so flips and 224 crops never turn one 
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import gzip
 import io
 import json
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from repro.prepare import write_json
+from repro.errors import RunError
+from repro.io import write_json
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -295,7 +294,7 @@ def make_demo_data(out_dir: str | os.PathLike, num_classes: int = 10, train_per_
     for name, value in args.items():
         error = _limit_error(value, *LIMITS[name])
         if error:
-            raise ValueError(f"{name} {error}")
+            raise RunError(f"{name} {error}")
     args["format_version"] = FORMAT_VERSION
 
     out = Path(out_dir)
@@ -317,7 +316,10 @@ def make_demo_data(out_dir: str | os.PathLike, num_classes: int = 10, train_per_
     train_kinds = _odd_kinds(num_classes * train_per_class, rng, ("png", "truncated"))
     val_kinds = _odd_kinds(len(val_labels), rng, ())
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"{out} cannot be the demo data's folder: {error.strerror}") from None
     (out / INFO_JSON).unlink(missing_ok=True)  # so that a run interrupted below is never taken for complete
     temporary = {name: out / f"{name}.partial" for name in outputs}
     odd: dict[str, list[str]] = {"grayscale": [], "cmyk": [], "png": [], "truncated": []}
@@ -350,45 +352,3 @@ def make_demo_data(out_dir: str | os.PathLike, num_classes: int = 10, train_per_
                 png_as_jpeg=odd["png"], truncated=odd["truncated"])
     write_json(out / INFO_JSON, info)  # written last: its presence means the archives are complete
     return info
-
-
-def _argument_type(name: str):
-    """An argparse type that checks the limits of `name`, so that argparse names the option in its error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = text
-        error = _limit_error(value, *LIMITS[name])
-        if error:
-            raise argparse.ArgumentTypeError(error)
-        return value
-    return parse
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a small synthetic ILSVRC-2012 (the archives as ImageNet "
-                                                 "distributes them) for demos and tests.")
-    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (default: data/demo)")
-    parser.add_argument("--classes", type=_argument_type("num_classes"), default=10,
-                        help=f"number of classes, 2 to {MAX_CLASSES} (default: 10)")
-    parser.add_argument("--train-per-class", type=_argument_type("train_per_class"), default=260,
-                        help="training images per class (default: 260)")
-    parser.add_argument("--val-per-class", type=_argument_type("val_per_class"), default=30,
-                        help="validation images per class (default: 30)")
-    parser.add_argument("--seed", type=_argument_type("seed"), default=0, help="random seed (default: 0)")
-    args = parser.parse_args(argv)
-
-    start = time.perf_counter()
-    try:
-        make_demo_data(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed)
-    except OSError as error:  # the arguments are checked, so this is about writing into --out
-        parser.error(f"argument --out: {error}")
-    print(f"{args.out}: demo ILSVRC-2012 with {args.classes} classes, {args.classes * args.train_per_class} train "
-          f"and {args.classes * args.val_per_class} validation images, seed {args.seed} "
-          f"({time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

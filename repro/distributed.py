@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from repro.runtime import RunError, resolve_devices
+from repro.errors import RunError
+from repro.runtime import resolve_devices
 
 # A rank waits this long for the others (rank 0 alone writing a 455 MB checkpoint, a slow evaluation shard).
 TIMEOUT = timedelta(minutes=30)

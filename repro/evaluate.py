@@ -1,22 +1,28 @@
-"""Top-1/top-5 error on the centre crop or the paper's 10 patches (§4.1), and `repro-eval` (checkpoint -> metrics)."""
+"""Top-1/top-5 error on the centre crop or the paper's 10 patches (§4.1), and a trained checkpoint's network, store
+and test-time input (`load_trained`, for `repro-eval` and the figures)."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
-from tqdm import tqdm
 
 from repro import speed
-from repro.config import SpeedConfig, build_model
-from repro.data import Augment, PreparedStore, Split, StoreError, batches
+from repro.checkpoint import load_checkpoint
+from repro.config import SpeedConfig, build_augment, build_model
+from repro.data import Augment, batches
 from repro.distributed import World
+from repro.errors import RunError
+from repro.io import write_json
 from repro.model import AlexNet
-from repro.prepare import write_json
-from repro.runtime import CONF_DIR, RunError, load_checkpoint, resolve_devices
+from repro.progress import progress
+from repro.runtime import resolve_devices
+from repro.store import PreparedStore, Split
+
+# The four numbers every run reports (§6: top-1 and top-5 error, the centre patch and the 10 patches), and labels.
+METRIC_LABELS = {"top1_err_1crop": "top-1 centre", "top5_err_1crop": "top-5 centre",
+                 "top1_err_10crop": "top-1 10 patches", "top5_err_10crop": "top-5 10 patches"}
+PAPER_METRICS = tuple(METRIC_LABELS)
 
 
 @torch.no_grad()
@@ -33,7 +39,7 @@ def evaluate(model, augment: Augment, split: Split, images_per_batch: int, ten_c
     wrong, count = torch.zeros(2, dtype=torch.int64, device=augment.device), 0  # wrong at top-1 and top-5
     loader = batches(split.part(world.rank, world.size), images_per_batch, shuffle=False, drop_last=False,
                      workers=workers, pin_memory=augment.device.type == "cuda")
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=desc is None or None, dynamic_ncols=True):
+    for images, labels in (progress(loader, desc, len(loader), "batch") if desc else loader):
         logits = model(augment.test_views(images, ten_crop))
         probs = logits.float().softmax(dim=-1).view(len(images), views, -1).mean(dim=1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
@@ -75,10 +81,7 @@ def load_trained(checkpoint_path, store=None, devices=None,
     except RuntimeError as error:
         raise RunError(f"{checkpoint_path} does not fit the network its own config describes: {error}") from None
     speed.apply(model, speed_options)
-    data = trained["data"]
-    augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], devices=model.devices,
-                      lighting_style=data["lighting_style"], mean_crop=data["mean_crop"])
-    return checkpoint, model, store, augment
+    return checkpoint, model, store, build_augment(trained["data"], stats, model.devices)
 
 
 def evaluate_checkpoint(cfg) -> dict:
@@ -92,22 +95,3 @@ def evaluate_checkpoint(cfg) -> dict:
     metrics.update(evaluate_views(model, augment, split, cfg.batch_size, cfg.workers, desc="eval"))
     write_json(Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json", metrics)
     return metrics
-
-
-def main() -> None:
-    import hydra
-
-    @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
-    def run(cfg: DictConfig) -> None:
-        try:
-            metrics = evaluate_checkpoint(cfg)
-        except (RunError, StoreError) as error:
-            print(f"repro-eval: error: {error}", file=sys.stderr)
-            sys.exit(1)
-        print(json.dumps({k: v for k, v in metrics.items() if k != "options"}, indent=1))
-
-    run()
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from repro.runtime import RunError
+from repro.errors import RunError
 
 
 class PaperSGD(Optimizer):
@@ -125,6 +125,9 @@ def layout(groups: list[dict]) -> list[tuple]:
     return [(g.get("name"), len(g["params"])) for g in groups]
 
 
+SCHEDULE_KINDS = ("plateau", "milestones")
+
+
 class Schedule:
     """The learning rates per epoch and parameter group, and when training ends. Epochs are counted from 0.
 
@@ -142,8 +145,8 @@ class Schedule:
     def __init__(self, kind: str, lr: float, patience: int = 5, max_drops: int = 3, max_epochs: int = 90,
                  milestones: tuple = (24, 50, 78), conv1_slow_epoch: int | None = None,
                  conv1_slow_lr: float = 1e-5, conv1_freeze_epoch: int | None = None, bias_lr: float | None = None):
-        if kind not in ("plateau", "milestones"):
-            raise ValueError(f"schedule kind must be 'plateau' or 'milestones', got {kind!r}")
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}")
         if bias_lr is not None and bias_lr < 0:
             raise RunError(f"optim.bias_lr={bias_lr}: must be >= 0, or null for the weights' rate")
         self.kind, self.base_lr, self.patience, self.max_drops = kind, lr, patience, max_drops

@@ -15,15 +15,14 @@ Killed at any point, the same command continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import platform
 import re
-import sys
 import tarfile
 import time
 import zlib
@@ -33,20 +32,19 @@ from pathlib import Path
 import numpy as np
 import PIL
 from PIL import Image
-from tqdm import tqdm
 
 from repro import __version__
+from repro.errors import PrepareError
+from repro.io import atomic_write, write_json
+from repro.progress import Progress, progress
+from repro.store import FORMAT, SIZE, usable_rows
 
-SIZE = 256  # §2: "down-sampled the images to a fixed resolution of 256 x 256"
 TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 WNID = re.compile(r"n\d{8}$")
 RESIZE = Image.Resampling.BILINEAR  # the paper names none; Pillow's bilinear is antialiased when shrinking
 TODO, DONE, BAD = 0, 1, 2  # states of a row in <split>/progress.npy
-
-
-class PrepareError(Exception):
-    """A problem with the input or output folders, explained for the user."""
+log = logging.getLogger("repro")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,26 +253,6 @@ def _convert_rows(rows: list[tuple[int, str, int, int]]) -> list[tuple[int, str 
 # The store
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so `path` is either absent or complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
-
-
-def usable_rows(split_info: dict) -> np.ndarray:
-    """A split's rows minus the files the prepare skipped (its manifest entry says which)."""
-    skipped = {s["row"] for s in split_info["skipped"]}
-    return np.array([r for r in range(split_info["rows"]) if r not in skipped], dtype=np.int64)
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -304,21 +282,19 @@ def start_split(out: Path, split: str, sources: list[Source]) -> None:
 def convert_split(out: Path, split: str, sources: list[Source], workers: int, draft: bool,
                   chunk: int) -> dict[int, str]:
     """Convert every row not yet done, with `workers` processes; returns {row: error} for the files that failed."""
-    progress = np.load(out / split / "progress.npy", mmap_mode="r+")
-    todo = [(row, s.path, s.offset, s.size) for row, s in enumerate(sources) if progress[row] != DONE]
+    status = np.load(out / split / "progress.npy", mmap_mode="r+")
+    todo = [(row, s.path, s.offset, s.size) for row, s in enumerate(sources) if status[row] != DONE]
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     errors = {}
-    bar = tqdm(total=len(sources), initial=len(sources) - len(todo), desc=f"prepare {split}", unit="img",
-               dynamic_ncols=True, disable=None)
-    with multiprocessing.get_context("spawn").Pool(workers, _open_worker, (str(out), split, draft)) as pool:
+    with (Progress(f"prepare {split}", len(sources), "img", initial=len(sources) - len(todo)) as bar,
+          multiprocessing.get_context("spawn").Pool(workers, _open_worker, (str(out), split, draft)) as pool):
         for results in pool.imap_unordered(_convert_rows, chunks):
             for row, error in results:
-                progress[row] = BAD if error else DONE
+                status[row] = BAD if error else DONE
                 if error:
                     errors[row] = error
-            progress.flush()
+            status.flush()
             bar.update(len(results))
-    bar.close()
     return errors
 
 
@@ -331,8 +307,7 @@ def compute_stats(out: Path, rows: np.ndarray, workers: int, chunk: int = 64) ->
     image_sum = np.zeros((SIZE, SIZE, 3))
     pixel_sum, outer_sum = np.zeros(3), np.zeros((3, 3))
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for a, b, c in tqdm(pool.imap_unordered(_partial_sums, parts), total=len(parts), desc="statistics",
-                            unit="chunk", dynamic_ncols=True, disable=None):
+        for a, b, c in progress(pool.imap_unordered(_partial_sums, parts), "statistics", len(parts), "chunk"):
             image_sum += a
             pixel_sum += b
             outer_sum += c
@@ -353,18 +328,20 @@ def _partial_sums(part):
 
 
 def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = None, draft: bool = True,
-            chunk: int = 32, log=print) -> dict:
+            chunk: int = 32) -> dict:
     """Prepare `raw` into `out` (see the module docstring); returns the manifest. Raises PrepareError on bad input,
     and, unless `skip_bad`, after converting everything else, when some files could not be read."""
+    if workers is not None and workers < 1:
+        raise PrepareError(f"workers={workers}: must be at least 1, or null for every core")
     workers = workers or os.cpu_count() or 1
     if (out / "manifest.json").is_file():
-        log(f"{out} is already a complete prepared store (manifest.json); nothing to do")
+        log.info(f"{out} is already a complete prepared store (manifest.json); nothing to do")
         return json.loads((out / "manifest.json").read_text())
     t0 = time.time()
-    log(f"indexing {raw} ...")
+    log.info(f"indexing {raw} ...")
     work = plan(raw)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": "repro-prepared-store/1", "repro": __version__, "created": None, "raw": work["raw"],
+    manifest = {"format": FORMAT, "repro": __version__, "created": None, "raw": work["raw"],
                 "devkit": work["devkit"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
                 "central 256x256 crop, RGB", "draft": draft, "classes": work["classes"],
                 "class_names": work["class_names"],
@@ -373,7 +350,7 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     all_errors = {}
     for split, info in work["splits"].items():
         sources = info["sources"]
-        log(f"{split}: {len(sources)} images ({info['layout']})")
+        log.info(f"{split}: {len(sources)} images ({info['layout']})")
         start_split(out, split, sources)
         errors = convert_split(out, split, sources, workers, draft, chunk)
         all_errors.update({sources[row].name: error for row, error in errors.items()})
@@ -383,11 +360,11 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     if all_errors and not skip_bad:
         listing = "\n".join(f"  {name}: {error}" for name, error in sorted(all_errors.items()))
         raise PrepareError(f"{len(all_errors)} file(s) could not be read (everything else is prepared):\n{listing}\n"
-                           "Fix or remove them and run the same command again, or add --skip-bad to leave them "
+                           "Fix or remove them and run the same command again, or add skip_bad=true to leave them "
                            "out (the manifest records each one).")
     if "train" in manifest["splits"]:
         rows = usable_rows(manifest["splits"]["train"])
-        log(f"statistics over {len(rows)} training images ...")
+        log.info(f"statistics over {len(rows)} training images ...")
         stats = compute_stats(out, rows, workers)
         atomic_write(out / "stats.npz", lambda f: np.savez(f, **stats))
         manifest["stats"] = {"file": "stats.npz", "eigvals": stats["eigvals"].tolist(),
@@ -401,28 +378,5 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     for split in manifest["splits"]:
         (out / split / "progress.npy").unlink()
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
-    log(f"done: {out} ({counts} images, {manifest['seconds']} s)")
+    log.info(f"done: {out} ({counts} images, {manifest['seconds']} s)")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="repro-prepare")
-    parser.add_argument("raw", type=Path, help="folder with the ILSVRC-2012 archives or extracted folders")
-    parser.add_argument("out", type=Path, help="folder for the prepared store")
-    parser.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--no-draft", dest="draft", action="store_false",
-                        help="decode large JPEGs at full size (default: Pillow's draft() reduced-size decode)")
-    args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    try:
-        prepare(args.raw, args.out, args.skip_bad, args.workers, args.draft)
-    except PrepareError as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,16 @@
-"""What a run needs from its surroundings: devices, determinism, the environment record, and atomic checkpoints."""
+"""What a run needs from its surroundings: devices, determinism and the environment record."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 import repro
-from repro.prepare import atomic_write
-
-
-# The Hydra configs live beside the package in the source tree (an editable install keeps them there).
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-class RunError(Exception):
-    """A problem the user can fix (configuration, devices, files), explained in words; the entry points print
-    it without a traceback and exit non-zero."""
-
+from repro.errors import RunError
 
 def resolve_devices(requested, require_two_gpus: bool) -> list[str]:
     """The two towers' devices: as requested, or what exists (two GPUs; one GPU for both towers; the CPU)."""
@@ -72,33 +61,3 @@ def environment(devices: list[str]) -> dict:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available()
             else None, "devices": names, "threads": torch.get_num_threads(), "git_commit": commit,
             "git_dirty": bool(git("status", "--porcelain")) if commit else None, "host": platform.node()}
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """A kill at any moment leaves either the previous file or the new one, never a part of one."""
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents on the CPU, read with `weights_only=True` (plain tensors and containers only)."""
-    if not Path(path).is_file():
-        raise RunError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged or foreign file: say which and why
-        raise RunError(f"checkpoint {path} could not be read ({type(error).__name__}: {error})") from None
-
-
-def main() -> int:
-    """`python -m repro.runtime`: say why and exit non-zero when the paper's two GPUs are not there (make
-    train-imagenet runs it before preparing the data)."""
-    try:
-        resolve_devices(None, require_two_gpus=True)
-    except RunError as error:
-        print(f"error: {error} (with make: ARGS='devices=[...]')", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,8 +24,8 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from repro.errors import RunError
 from repro.model import AlexNet
-from repro.runtime import RunError
 
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOWER_STAGES = ("stem", "trunk", "head6", "head7")

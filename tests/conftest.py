@@ -7,6 +7,7 @@ import pytest
 # The tests' own helpers (the independent grouped reference, the devkit writer) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import command  # noqa: E402
 from repro.demo_data import make_demo_data  # noqa: E402
 from repro.prepare import prepare  # noqa: E402
 
@@ -23,7 +24,7 @@ def demo_raw(tmp_path_factory) -> Path:
 def demo_store(demo_raw, tmp_path_factory) -> Path:
     """`demo_raw` prepared; its one truncated training file is skipped."""
     out = tmp_path_factory.mktemp("demo_store")
-    prepare(demo_raw, out, skip_bad=True, workers=2, log=lambda *a: None)
+    prepare(demo_raw, out, skip_bad=True, workers=2)
     return out
 
 
@@ -32,8 +33,8 @@ def tiny_run(demo_store, tmp_path_factory):
     """A finished `experiment=tiny` run on `demo_store`, started through the real entry point: (run folder, the
     finished process)."""
     run_dir = tmp_path_factory.mktemp("tiny_run")
-    result = subprocess.run([sys.executable, "-m", "repro.train", "experiment=tiny", f"data.store={demo_store}",
-                             "data.limit_val=null", f"hydra.run.dir={run_dir}"],
+    result = subprocess.run(command("repro-train", "experiment=tiny", f"data.store={demo_store}",
+                                    "data.limit_val=null", f"hydra.run.dir={run_dir}"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result

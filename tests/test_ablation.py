@@ -8,21 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from repro.ablation import main as report_main
-from repro.ablation import planned_jobs, summarise
-from repro.paper import ABLATIONS, PAPER_METRICS
-from repro.runtime import CONF_DIR
-from repro.train import flatten
+from helpers import command, train_config
+from repro.cli import ablation_report_main
+from repro.config import CONF_DIR
+from repro.evaluate import PAPER_METRICS
+from repro.io import flatten
+from repro.reports.ablation import planned_jobs, summarise
+from repro.reports.paper import ABLATIONS
 
 
 def composed(*overrides) -> dict:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo", *overrides])
-    return flatten(OmegaConf.to_container(cfg, enum_to_str=True))
+    return flatten(OmegaConf.to_container(train_config("experiment=demo", *overrides), enum_to_str=True))
 
 
 def test_each_ablation_file_changes_exactly_what_the_paper_table_says():
@@ -36,21 +35,22 @@ def test_each_ablation_file_changes_exactly_what_the_paper_table_says():
 
 
 def sweep(*args, sweep_dir):
-    return subprocess.run([sys.executable, "-m", "repro.train", "--multirun", "experiment=tiny",
-                           f"hydra.sweep.dir={sweep_dir}", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run(command("repro-train", "--multirun", "experiment=tiny", f"hydra.sweep.dir={sweep_dir}",
+                                  *args), capture_output=True, text=True, timeout=900)
 
 
 def test_tiny_sweep_of_two_variants_end_to_end(demo_store, tmp_path):
     result = sweep(f"data.store={demo_store}", "ablation=baseline,no_lrn", sweep_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ablation=baseline", "ablation=no_lrn"]
-    assert report_main([str(tmp_path)]) == 0
+    assert ablation_report_main([f"sweep={tmp_path}"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     base, no_lrn = summary["variants"]
     assert base["is_baseline"] and base["variant"] == "ablation=baseline" and base["changes"] == {}
     assert no_lrn["ablation"] == "no_lrn" and no_lrn["changes"] == {"model.lrn": False}
     assert no_lrn["paper"]["top1"] == 1.4 and no_lrn["paper"]["top5"] == 1.2
-    measured = {v: json.loads((tmp_path / f"ablation={v}" / "metrics.json").read_text()) for v in ("baseline", "no_lrn")}
+    measured = {v: json.loads((tmp_path / f"ablation={v}" / "metrics.json").read_text())
+                for v in ("baseline", "no_lrn")}
     for key in PAPER_METRICS:
         assert base["metrics"][key] == measured["baseline"][key]
         assert no_lrn["delta"][key] == pytest.approx(measured["no_lrn"][key] - measured["baseline"][key])
@@ -123,7 +123,9 @@ def test_summary_averages_seeds_and_lists_unfinished_and_unstarted_jobs(tmp_path
 
 
 def test_report_command_explains_a_wrong_folder(tmp_path, capsys):
-    assert report_main([str(tmp_path / "nowhere")]) == 1
+    assert ablation_report_main([f"sweep={tmp_path / 'nowhere'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert report_main([str(tmp_path)]) == 1
+    assert ablation_report_main([f"sweep={tmp_path}"]) == 2
     assert "multirun" in capsys.readouterr().err
+    assert ablation_report_main([]) == 2
+    assert "give sweep=..." in capsys.readouterr().err

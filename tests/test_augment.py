@@ -137,7 +137,7 @@ def test_same_step_same_batch_on_any_run():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"lighting_style": "fancy"}, "lighting_style"), ({"mean_crop": "left"}, "mean_crop"),
-    ({"crop_chunk": 16}, "crop_chunk must be 1 or 32")])
+    ({"crop_chunk": 16}, "crop_chunk")])
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_augment(**kwargs)

@@ -1,20 +1,11 @@
 """The model config group: presets compose, typos and wrong types fail at compose time, the builder obeys."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+from helpers import train_config as compose_train
 from repro.config import build_model, model_kwargs
 from repro.model import PRESETS
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

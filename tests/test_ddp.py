@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_train import tiny_cfg
-
+from helpers import command, tiny_cfg
 from repro.config import build_model
-from repro.data import Augment, PreparedStore, batches, step_rng
+from repro.data import Augment, batches, step_rng
 from repro.distributed import World
-from repro.runtime import RunError
+from repro.errors import RunError
+from repro.store import PreparedStore
 from repro.train import train
 
 # Two steps of the global batch of 4 (2 processes x 2 images), a checkpoint after each. Dropout off: each rank
@@ -28,7 +28,7 @@ ARGS = ["experiment=tiny", "data.limit_train=8", "schedule.max_epochs=1", "check
 def torchrun(*args) -> list[str]:
     """Two processes on this machine; --standalone rendezvouses on a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "repro.train", *args]
+            *command("repro-train", *args)]
 
 
 @pytest.fixture(scope="module")

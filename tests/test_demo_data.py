@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import command
 from repro import demo_data
 from repro.demo_data import DEVKIT_TAR, MAX_CLASSES, TRAIN_TAR, VAL_TAR, make_demo_data
+from repro.errors import RunError
 from repro.prepare import read_devkit
 
 
@@ -74,12 +75,12 @@ def test_same_seed_same_bytes_and_rerun_does_nothing(tmp_path):
                                                                          ).read_bytes()
 
 
-@pytest.mark.parametrize("argument, message", [("--classes=0", "--classes: .*from 2 to 20"),
-                                               ("--classes=21", "--classes: .*from 2 to 20"),
-                                               ("--train-per-class=-1", "--train-per-class: .*at least 3")])
+@pytest.mark.parametrize("argument, message", [("classes=0", "num_classes .*from 2 to 20"),
+                                               ("classes=21", "num_classes .*from 2 to 20"),
+                                               ("train_per_class=-1", "train_per_class .*at least 3"),
+                                               ("clases=3", "clases")])
 def test_bad_arguments_are_named(tmp_path, argument, message):
-    result = subprocess.run([sys.executable, "-m", "repro.demo_data", "--out", str(tmp_path), argument],
-                            capture_output=True, text=True)
+    result = subprocess.run(command("repro-demo-data", f"raw={tmp_path}", argument), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert re.search(message, result.stderr), result.stderr
 
@@ -185,12 +186,11 @@ def test_an_interrupted_run_leaves_nothing_complete_looking(tmp_path, monkeypatc
 
 
 def test_bad_api_arguments_and_unwritable_out_are_named(tmp_path):
-    with pytest.raises(ValueError, match="num_classes must be an integer from 2 to 20, got 1"):
+    with pytest.raises(RunError, match="num_classes must be an integer from 2 to 20, got 1"):
         make_demo_data(tmp_path, num_classes=1)
-    with pytest.raises(ValueError, match="val_per_class must be an integer at least 2, got -1"):
+    with pytest.raises(RunError, match="val_per_class must be an integer at least 2, got -1"):
         make_demo_data(tmp_path, val_per_class=-1)
     (tmp_path / "a_file").write_text("")
-    result = subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(tmp_path / "a_file")],
-                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    result = subprocess.run(command("repro-demo-data", f"raw={tmp_path / 'a_file'}"), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "argument --out:" in result.stderr, result.stderr
+    assert "a_file" in result.stderr, result.stderr

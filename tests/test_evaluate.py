@@ -3,8 +3,9 @@
 import torch
 
 from repro.config import build_model
-from repro.data import Augment, PreparedStore
+from repro.data import Augment
 from repro.evaluate import evaluate
+from repro.store import PreparedStore
 from test_model import HostSyncs
 
 

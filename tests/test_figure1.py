@@ -1,5 +1,5 @@
-"""The paper's Figure 1 tool (repro/relu_tanh.py): the net, the activation and init switches, epochs to 25%, the
-choice of learning rate, the figure and results it writes, resuming, and its errors."""
+"""The paper's Figure 1 tool (repro/reports/figure1.py, `repro-figure1`): the net, the activation and init switches,
+epochs to 25%, the choice of learning rate, the figure and results it writes, resuming, and its errors."""
 
 import json
 from pathlib import Path
@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from repro import relu_tanh
-from repro.relu_tanh import (FIGURE_PNG, RESULTS_JSON, choose, epochs_to_threshold, four_layer_net, input_transform,
-                             load_images, main, summarise)
-from repro.runtime import RunError
+from repro.cli import figure1_main
+from repro.errors import RunError
+from repro.reports import figure1
+from repro.reports.figure1 import (FIGURE_PNG, RESULTS_JSON, choose, epochs_to_threshold, four_layer_net,
+                                   input_transform, load_images, summarise)
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
@@ -36,9 +37,10 @@ def folders(tmp_path_factory) -> Path:
     return write_class_folders(tmp_path_factory.mktemp("cifar_like") / "train").parent
 
 
-def quick_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "32", "--lrs", "0.01",
-            *extra]
+def quick_args(data: Path, out: Path, **changes) -> list[str]:
+    """`repro-figure1`'s arguments for a quick run: two epochs, batch 32, lr 0.01, unless `changes` says."""
+    settings = {"data": data, "out": out, "epochs": 2, "batch_size": 32, "lrs": "[0.01]", **changes}
+    return [f"{key}={value}" for key, value in settings.items()]
 
 
 def test_net_shapes_and_parameters():
@@ -136,8 +138,7 @@ def test_an_epoch_reads_the_device_once_whatever_its_steps(tmp_path):
         settings = {"seed": 0, "init": "paper", "batch_size": batch_size, "momentum": 0.9, "epochs": 1,
                     "extra_epochs": None, "threshold": 0.25}
         with HostSyncs() as recorder:
-            record = relu_tanh.train_curve(images, labels, 3, "relu", 0.001, settings, tmp_path / "none.pt", "cpu",
-                                           log=lambda *a: None)
+            record = figure1.train_curve(images, labels, 3, "relu", 0.001, settings, tmp_path / "none.pt", "cpu")
         syncs.append(recorder.count)
         assert len(record["train_error"]) == 1
     assert syncs[0] == syncs[1] <= 3  # counted once per epoch, not per step
@@ -145,7 +146,7 @@ def test_an_epoch_reads_the_device_once_whatever_its_steps(tmp_path):
 
 def test_tool_writes_figure_and_results(folders, tmp_path, capsys):
     out = tmp_path / "fig"
-    assert main(quick_args(folders, out, "--seed", "3")) == 0
+    assert figure1_main(quick_args(folders, out, seed=3)) == 0
     with Image.open(out / FIGURE_PNG) as image:
         assert image.format == "PNG"
         assert image.size == (600, 450)
@@ -163,24 +164,24 @@ def test_tool_writes_figure_and_results(folders, tmp_path, capsys):
 
 def test_rerun_trains_only_new_runs(folders, tmp_path, monkeypatch):
     out = tmp_path / "fig"
-    assert main(quick_args(folders, out, "--activations", "relu")) == 0
+    assert figure1_main(quick_args(folders, out, activations="[relu]")) == 0
     first = json.loads((out / RESULTS_JSON).read_text())["runs"]["relu lr=0.01"]
 
     trained = []
-    real = relu_tanh.train_curve
+    real = figure1.train_curve
 
     def counting(images, labels, num_classes, activation, lr, *args, **kwargs):
         trained.append((activation, lr))
         return real(images, labels, num_classes, activation, lr, *args, **kwargs)
 
-    monkeypatch.setattr(relu_tanh, "train_curve", counting)
-    assert main(quick_args(folders, out, "--activations", "relu", "tanh", "--lrs", "0.01", "0.02")) == 0
+    monkeypatch.setattr(figure1, "train_curve", counting)
+    assert figure1_main(quick_args(folders, out, activations="[relu,tanh]", lrs="[0.01,0.02]")) == 0
     assert trained == [("tanh", 0.01), ("relu", 0.02), ("tanh", 0.02)]
     runs = json.loads((out / RESULTS_JSON).read_text())["runs"]
     assert runs["relu lr=0.01"] == first and len(runs) == 4
 
     trained.clear()
-    assert main(quick_args(folders, out, "--activations", "tanh", "--lrs", "0.04")) == 0
+    assert figure1_main(quick_args(folders, out, activations="[tanh]", lrs="[0.04]")) == 0
     results = json.loads((out / RESULTS_JSON).read_text())
     assert trained == [("tanh", 0.04)] and len(results["runs"]) == 5
     assert results["settings"]["lrs"] == [0.01, 0.02, 0.04]  # the folder's whole search, not only this call's
@@ -188,11 +189,11 @@ def test_rerun_trains_only_new_runs(folders, tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_to_the_same_curve(folders, tmp_path, monkeypatch):
-    args = ["--epochs", "3", "--activations", "tanh", "--extra-epochs", "-1"]
-    assert main(quick_args(folders, tmp_path / "whole", *args)) == 0
+    args = {"epochs": 3, "activations": "[tanh]", "extra_epochs": "null"}
+    assert figure1_main(quick_args(folders, tmp_path / "whole", **args)) == 0
     whole = json.loads((tmp_path / "whole" / RESULTS_JSON).read_text())["runs"]["tanh lr=0.01"]
 
-    real, saves = relu_tanh.save_checkpoint, []
+    real, saves = figure1.save_checkpoint, []
 
     def killed_after_two_epochs(path, checkpoint):
         real(path, checkpoint)
@@ -200,12 +201,12 @@ def test_killed_run_resumes_to_the_same_curve(folders, tmp_path, monkeypatch):
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(relu_tanh, "save_checkpoint", killed_after_two_epochs)
+    monkeypatch.setattr(figure1, "save_checkpoint", killed_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
-        main(quick_args(folders, tmp_path / "killed", *args))
+        figure1_main(quick_args(folders, tmp_path / "killed", **args))
     assert not (tmp_path / "killed" / RESULTS_JSON).exists()
-    monkeypatch.setattr(relu_tanh, "save_checkpoint", real)
-    assert main(quick_args(folders, tmp_path / "killed", *args)) == 0
+    monkeypatch.setattr(figure1, "save_checkpoint", real)
+    assert figure1_main(quick_args(folders, tmp_path / "killed", **args)) == 0
     resumed = json.loads((tmp_path / "killed" / RESULTS_JSON).read_text())["runs"]["tanh lr=0.01"]
     assert resumed["train_error"] == whole["train_error"] and resumed["train_loss"] == whole["train_loss"]
 
@@ -213,8 +214,8 @@ def test_killed_run_resumes_to_the_same_curve(folders, tmp_path, monkeypatch):
 def test_stops_a_few_epochs_after_reaching_the_threshold(folders, tmp_path):
     # The colours are easy: with the default init and a high lr ReLU gets below 25% at once.
     out = tmp_path / "fig"
-    assert main(["--data", str(folders), "--out", str(out), "--epochs", "30", "--batch-size", "16", "--lrs", "0.02",
-                 "--activations", "relu", "--init", "default", "--extra-epochs", "1"]) == 0
+    assert figure1_main(quick_args(folders, out, epochs=30, batch_size=16, lrs="[0.02]", activations="[relu]",
+                           init="default", extra_epochs=1)) == 0
     r = json.loads((out / RESULTS_JSON).read_text())["runs"]["relu lr=0.02"]
     assert r["epochs_to_threshold"] is not None
     assert len(r["train_error"]) == r["epochs_to_threshold"] + 1 < 30
@@ -223,9 +224,9 @@ def test_stops_a_few_epochs_after_reaching_the_threshold(folders, tmp_path):
 
 def test_other_settings_in_the_same_folder_are_refused(folders, tmp_path, capsys):
     out = tmp_path / "fig"
-    assert main(quick_args(folders, out, "--activations", "relu")) == 0
+    assert figure1_main(quick_args(folders, out, activations="[relu]")) == 0
     capsys.readouterr()
-    assert main(quick_args(folders, out, "--activations", "relu", "--init", "default")) == 1
+    assert figure1_main(quick_args(folders, out, activations="[relu]", init="default")) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "init: paper now default" in err and "Traceback" not in err
 
@@ -258,22 +259,23 @@ def bad_data(tmp_path: Path, case: str) -> Path:
 ])
 def test_bad_data_gives_a_clear_error(tmp_path, capsys, case, message):
     data = bad_data(tmp_path, case)
-    assert main(["--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1"]) == 1
+    assert figure1_main(quick_args(data, tmp_path / "out", epochs=1)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_fewer_images_than_a_batch(folders, tmp_path, capsys):
-    assert main(["--data", str(folders), "--out", str(tmp_path / "out"), "--limit", "20"]) == 1
+    assert figure1_main(quick_args(folders, tmp_path / "out", limit=20, batch_size=128)) == 2
     assert "fewer than one batch of 128" in capsys.readouterr().err
 
 
 def test_bad_options_name_the_option(folders, tmp_path, capsys):
-    for bad in (["--lrs", "-0.1"], ["--epochs", "0"], ["--device", "gpu7"], ["--activations", "sigmoid"]):
-        with pytest.raises(SystemExit) as exit_:
-            main(["--data", str(folders), "--out", str(tmp_path / "out"), *bad])
-        assert exit_.value.code == 2
-        assert bad[0] in capsys.readouterr().err
+    for key, value in (("lrs", "[-0.1]"), ("epochs", 0), ("device", "gpu7"), ("activations", "[sigmoid]"),
+                       ("extra_epochs", -1), ("epochs", "many"), ("learning_rate", 0.1)):
+        assert figure1_main(quick_args(folders, tmp_path / "out", **{key: value})) == 2
+        err = capsys.readouterr().err
+        assert key in err and "Traceback" not in err
+    assert figure1_main([f"out={tmp_path / 'out'}"]) == 2 and "give data=..." in capsys.readouterr().err
 
 
 def test_real_cifar10_mini():

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import repro.figures as figures
-from repro.data import PreparedStore
+import repro.reports.figures as figures
+from repro.cli import figures_main as main
 from repro.evaluate import load_trained
-from repro.figures import (NearestSearch, colour_specificity, conv1_colour, conv1_figure, logits_and_fc7, main,
-                           rows_of, search_training_store)
+from repro.kernels import colour_specificity, conv1_colour
 from repro.model import AlexNet
+from repro.reports.figures import NearestSearch, conv1_figure, logits_and_fc7, search_training_store
+from repro.store import PreparedStore
 
 
 def grey_kernels(count=48, seed=0):
@@ -110,7 +111,7 @@ def test_fc7_is_the_last_hidden_layer(trained, demo_store):
 
 def test_neighbour_search_resumes_where_it_was_stopped(trained, monkeypatch, tmp_path):
     _, model, store, augment = trained
-    train = rows_of(store.split("train"), np.arange(24))  # three batches of 8
+    train = store.split("train").take(np.arange(24))  # three batches of 8
     queries = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0)).relu()
     reference = search_training_store(model, augment, train, queries, batch_size=8)
 
@@ -156,7 +157,7 @@ def not_blank(path):
 def test_figures_tool_writes_every_figure(run_copy):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert main([str(run_copy), "--devices", "cpu,cpu", "--workers", "0", "--batch-size", "16"]) == 0
+    assert main([f"run_dir={run_copy}", "devices=[cpu,cpu]", "workers=0", "batch_size=16"]) == 0
     out = run_copy / "figures"
     expected = {"fig3_conv1.png": (914, 354),  # 2 towers x 3 rows of 16 kernels
                 "fig4_top5.png": (4 * 260, 2 * 400),  # the paper's 8 images, 4 a row
@@ -174,32 +175,32 @@ def test_figures_tool_writes_every_figure(run_copy):
 
 
 def test_figures_tool_takes_a_checkpoint_and_a_choice(run_copy):
-    assert main([str(run_copy / "checkpoints" / "last.pt"), "--which", "top5", "--queries", "3",
-                 "--devices", "cpu,cpu", "--workers", "0"]) == 0
+    assert main([f"checkpoint={run_copy / 'checkpoints' / 'last.pt'}", "which=[top5]", "queries=3",
+                 "devices=[cpu,cpu]", "workers=0"]) == 0
     assert sorted(p.name for p in (run_copy / "figures").iterdir()) == ["fig4_top5.png"]
     assert Image.open(run_copy / "figures" / "fig4_top5.png").size == (3 * 260, 400)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}/nowhere"], "nowhere does not exist: give a run folder"),
-    (["{tmp}"], "has no checkpoints/last.pt"),
-    (["{run}", "--which", "conv1,fig5"], "--which conv1,fig5: choose from conv1,neighbours,top5"),
-    (["{run}", "--which", "top5", "--queries", "17"], "--queries 17: the validation split has 16 images"),
-    (["{run}", "--devices", "cuda:5,cuda:5"], "cuda:5 does not exist here"),
+    (["checkpoint={tmp}/nowhere.pt"], "checkpoint="),
+    (["run_dir={tmp}"], "has no checkpoints/last.pt"),
+    ([], "give run_dir="),
+    (["run_dir={run}", "which=[conv1,fig5]"], "which="),
+    (["run_dir={run}", "which=[top5]", "queries=17"], "queries=17"),
+    (["run_dir={run}", "devices=[cuda:5,cuda:5]"], "cuda:5"),
+    (["run_dir={run}", "batch_size=ten"], "batch_size"),
 ])
 def test_figures_tool_explains_bad_input(args, message, run_copy, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path / "empty", run=run_copy) for a in args]
     (tmp_path / "empty").mkdir()
-    assert main(argv + ["--workers", "0"]) == 1
+    assert main(argv + ["workers=0"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_class_names_of_older_stores_come_from_their_devkit(demo_raw, demo_store):
+def test_class_names_are_the_devkits_words_or_else_the_wnids(demo_raw, demo_store):
     info = json.loads((demo_raw / "demo_info.json").read_text())
     store = PreparedStore(demo_store)
     assert store.class_names == info["words"]
-    store.manifest.pop("class_names")  # a store prepared before the names were recorded
-    assert store.class_names == info["words"]
-    store.manifest["devkit"] = None
+    store.manifest["class_names"] = None  # a store prepared from class folders, without a devkit
     assert store.class_names == info["wnids"]

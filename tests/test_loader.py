@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from repro.data import PreparedStore, StoreError, batches
+from repro.data import batches
+from repro.errors import StoreError
+from repro.store import PreparedStore
 
 
 def collect(loader):

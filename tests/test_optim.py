@@ -6,7 +6,7 @@ import torch
 
 from repro.model import AlexNet
 from repro.optim import GROUPS, PaperSGD, Schedule, load_state, param_groups
-from repro.runtime import RunError
+from repro.errors import RunError
 
 GRADS = [0.5, -0.2, 0.3]
 RATES = [0.1, 0.1, 0.01]  # the rate drops tenfold before the third step

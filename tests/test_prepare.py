@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +14,10 @@ import pytest
 from PIL import Image
 
 from devkit import write_devkit
-from repro.data import PreparedStore
-from repro.prepare import PrepareError, load_256, prepare
+from helpers import command
+from repro.errors import PrepareError
+from repro.prepare import load_256, prepare
+from repro.store import PreparedStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MINI, META = SHARED / "imagenet-mini", SHARED / "imagenet-meta"
@@ -63,7 +64,7 @@ def mini_store(tmp_path_factory):
     write_devkit(raw / "ILSVRC2012_devkit_t12", {int(r["ilsvrc2012_id"]): r["wnid"] for r in rows},
                  (META / "ILSVRC2012_validation_ground_truth.txt").read_text().split())
     out = tmp_path_factory.mktemp("mini_store")
-    prepare(raw, out, workers=2, draft=False, log=lambda *a: None)
+    prepare(raw, out, workers=2, draft=False)
     return out
 
 
@@ -116,15 +117,15 @@ def test_bad_files_are_listed_after_everything_else_is_done(tmp_path):
                                            "truncated.JPEG": good[: len(good) // 2]})
     out = tmp_path / "out"
     with pytest.raises(PrepareError) as error:
-        prepare(raw, out, workers=1, log=lambda *a: None)
+        prepare(raw, out, workers=1)
     message = str(error.value)
     for name in ("empty.JPEG", "text.JPEG", "truncated.JPEG"):
         assert f"train/n00000001/{name}" in message
-    assert "--skip-bad" in message and not (out / "manifest.json").exists()
+    assert "skip_bad=true" in message and not (out / "manifest.json").exists()
     progress = np.load(out / "train" / "progress.npy")
     assert (progress == 1).sum() == 6 and (progress == 2).sum() == 3  # the good ones were all converted
 
-    manifest = prepare(raw, out, skip_bad=True, workers=1, log=lambda *a: None)
+    manifest = prepare(raw, out, skip_bad=True, workers=1)
     skipped = manifest["splits"]["train"]["skipped"]
     assert sorted(s["file"] for s in skipped) == [f"train/n00000001/{n}" for n in
                                                    ("empty.JPEG", "text.JPEG", "truncated.JPEG")]
@@ -135,7 +136,7 @@ def test_odd_but_valid_files_become_rgb(tmp_path):
     raw = small_raw(tmp_path / "raw", bad={"png.JPEG": jpeg_bytes(fmt="PNG", seed=1),
                                            "cmyk.JPEG": jpeg_bytes(mode="CMYK", seed=2),
                                            "grey.JPEG": jpeg_bytes(mode="L", size=(200, 500), seed=3)})
-    prepare(raw, tmp_path / "out", workers=1, log=lambda *a: None)
+    prepare(raw, tmp_path / "out", workers=1)
     images = np.load(tmp_path / "out" / "train" / "images.npy")
     names = [s.split("\t")[0] for s in (tmp_path / "out" / "train" / "sources.tsv").read_text().splitlines()]
     for name in ("png.JPEG", "cmyk.JPEG", "grey.JPEG"):
@@ -147,7 +148,7 @@ def test_odd_but_valid_files_become_rgb(tmp_path):
 
 def test_labels_follow_sorted_wnids_not_folder_order(tmp_path):
     raw = small_raw(tmp_path / "raw")
-    manifest = prepare(raw, tmp_path / "out", workers=1, log=lambda *a: None)
+    manifest = prepare(raw, tmp_path / "out", workers=1)
     assert manifest["classes"] == ["n00000001", "n00000002"]
     assert np.load(tmp_path / "out" / "train" / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
     # no devkit, so no names: the store names its classes by WNID
@@ -167,14 +168,14 @@ def test_bad_layouts_are_explained(tmp_path, setup, message):
     raw.mkdir()
     setup(raw)
     with pytest.raises(PrepareError, match=message):
-        prepare(raw, tmp_path / "out", workers=1, log=lambda *a: None)
+        prepare(raw, tmp_path / "out", workers=1)
 
 
 def test_command_line_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "repro.prepare", str(tmp_path / "nowhere"), str(tmp_path / "o")],
+    result = subprocess.run(command("repro-prepare", f"raw={tmp_path / 'nowhere'}", f"store={tmp_path / 'o'}"),
                             capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "prepare: error:" in result.stderr and "is not a folder" in result.stderr
+    assert result.returncode == 2
+    assert "repro-prepare: error:" in result.stderr and "is not a folder" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -187,12 +188,12 @@ def test_killed_prepare_resumes_to_the_same_store(tmp_path):
         for i in range(30):
             (folder / f"{i}.JPEG").write_bytes(jpeg_bytes(size=(1400, 1000), seed=100 * c + i))
     reference = tmp_path / "reference"
-    prepare(raw, reference, workers=1, draft=False, log=lambda *a: None)
+    prepare(raw, reference, workers=1, draft=False)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "repro.prepare", str(raw), str(out), "--workers", "1", "--no-draft"]
+    prepare_command = command("repro-prepare", f"raw={raw}", f"store={out}", "workers=1", "draft=false")
     progress_file = out / "train" / "progress.npy"
     for threshold in (3, 20):  # kill twice, at different points of the conversion
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        process = subprocess.Popen(prepare_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline and process.poll() is None:
@@ -208,7 +209,7 @@ def test_killed_prepare_resumes_to_the_same_store(tmp_path):
         process.wait()
         assert not (out / "manifest.json").exists(), "the store must not look complete after a kill"
         assert int((np.load(progress_file) != 0).sum()) < 60
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(prepare_command, check=True, capture_output=True)
     for name in ("images.npy", "labels.npy", "sources.tsv", "crc32.npy"):
         assert (out / "train" / name).read_bytes() == (reference / "train" / name).read_bytes(), name
     with np.load(out / "stats.npz") as a, np.load(reference / "stats.npz") as b:

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from hydra.errors import ConfigCompositionException
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from helpers import tiny_cfg
 from repro import speed
 from repro.config import SpeedConfig
+from repro.errors import RunError
 from repro.model import AlexNet
 from repro.optim import PaperSGD, param_groups
-from repro.runtime import RunError
 from test_model import CrossDeviceCopies, images
-from test_train import tiny_cfg
 
 # Largest |difference| allowed, as a fraction of the largest |logit|. float32 options only reorder sums (measured
 # ~5e-7); bf16 keeps 8 significant bits (relative rounding 2^-9 per operation, through 8 layers) and fp16 11.

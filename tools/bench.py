@@ -29,10 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench_data
 from repro import speed
 from repro.config import SpeedConfig
-from repro.data import Augment, PreparedStore, batches, step_rng
+from repro.data import Augment, batches, step_rng
 from repro.model import AlexNet
 from repro.optim import PaperSGD, param_groups
 from repro.prepare import prepare
+from repro.store import PreparedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN, EPOCHS = 1_281_167, 90  # ILSVRC-2012 training images; the paper's ~90 epochs (§5)
@@ -223,10 +224,10 @@ def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
         folder, _ = bench_data.image_folder(Path(tmp))
         (Path(tmp) / "raw").mkdir()
         (Path(tmp) / "raw" / "train").symlink_to(folder.resolve())
-        prepare(Path(tmp) / "raw", Path(tmp) / "store", workers=2, log=lambda *a: None)
+        prepare(Path(tmp) / "raw", Path(tmp) / "store", workers=2)
         store = PreparedStore(Path(tmp) / "store")
         split, stats = store.split("train"), store.stats()
-        split.rows = np.tile(split.rows, -(-batch * (steps + 1) // len(split.rows)))
+        split = split.take(np.resize(np.arange(len(split)), batch * (steps + 1)))
         augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"], devices=model.devices)
         loader = speed.prefetch(batches(split, batch, workers=2, pin_memory=True), model.devices)
         first = True

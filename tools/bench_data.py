@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from repro.data import Augment, PreparedStore, batches, step_rng
+from repro.data import Augment, batches, step_rng
 from repro.demo_data import make_demo_data
 from repro.prepare import load_256, prepare
+from repro.store import PreparedStore
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT.parent / "shared" / "data" / "imagenet-mini" / "train"
@@ -75,7 +76,7 @@ def store_rate(store_dir: Path, seconds: float, augment_on_cpu: bool, batch_size
     tensor ops too, as when training on the CPU."""
     store = PreparedStore(store_dir)
     split, stats = store.split("train"), store.stats()
-    split.rows = np.tile(split.rows, -(-4 * batch_size // len(split.rows)))  # enough rows for full batches
+    split = split.take(np.resize(np.arange(len(split)), 4 * batch_size))  # enough rows for full batches
     augment = Augment(stats["mean_image"], stats["eigvals"], stats["eigvecs"])
     epoch = iter(range(10**9))
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         raw = tmp / "raw"
         raw.mkdir()
         (raw / "train").symlink_to(folder.resolve())
-        prepare(raw, tmp / "store", workers=1, log=lambda *a: None)
+        prepare(raw, tmp / "store", workers=1)
         results = {
             "machine": f"{platform.machine()}, {torch.get_num_threads()} thread, {platform.processor() or 'cpu'}",
             "images": description,

@@ -1,11 +1,11 @@
 """The summary of an ablation sweep: `summarise(sweep_dir)` reads the job folders of a `repro-train --multirun`
-sweep and writes `summary.md`, `summary.json` and `summary.png` into the sweep folder; `repro-ablation-report
-SWEEP_DIR` is its entry point (`make ablation-report SWEEP=...`).
+sweep and writes `summary.md`, `summary.json` and `summary.png` into the sweep folder (`repro-ablation-report
+sweep=...`, `make ablation-report SWEEP=...`).
 
 Jobs are grouped into variants by their overrides, seeds apart (a variant run with seeds 0,1,2 is one row, its
 numbers averaged). The baseline is the `ablation=baseline` variant, or the sweep's first variant when no job uses
 the `ablation` group. Each variant is described by what its config changes from the baseline's, and matched with
-the paper's stated effect (repro/paper.py, ABLATIONS) by its `ablation` name or by those changes. Every job the
+the paper's stated effect (repro/reports/paper.py, ABLATIONS) by its `ablation` name or by those changes. Every job the
 sweep planned appears in the summary: done, failed (with its error), unfinished (killed or still running) or not
 started.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from repro.paper import ABLATIONS, LABELS, PAPER_METRICS
-from repro.prepare import atomic_write, write_json
-from repro.runtime import RunError
-from repro.train import flatten
+from repro.errors import RunError
+from repro.evaluate import METRIC_LABELS, PAPER_METRICS
+from repro.io import atomic_write, flatten, write_json
+from repro.reports.paper import ABLATIONS
 
 # Settings that say where or how verbosely a job ran, not what it computed: never reported as a variant's change.
 NOT_A_CHANGE = ("run_dir", "name", "devices", "seed", "data.store", "data.workers", "log_every", "checkpoint_every",
@@ -174,7 +174,7 @@ def render_markdown(summary: dict) -> str:
     if summary["dataset"] != "ILSVRC-2012" or not summary["val_complete"]:
         lines += ["**Not comparable with the paper's numbers**: this sweep did not train and evaluate on the whole of "
                   "ILSVRC-2012, so its differences show the mechanics, not the paper's effects.", ""]
-    header = (["ablation", "variant", "changes from the baseline", "seeds"] + [LABELS[k] for k in PAPER_METRICS]
+    header = (["ablation", "variant", "changes from the baseline", "seeds"] + [METRIC_LABELS[k] for k in PAPER_METRICS]
               + ["Δ centre (top-1 / top-5)", "Δ 10 patches (top-1 / top-5)", "the paper's Δ", "jobs"])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in summary["variants"]:
@@ -232,22 +232,3 @@ def plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`repro-ablation-report SWEEP_DIR`: write and print the sweep's summary."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: repro-ablation-report SWEEP_DIR   (a multirun/<name>/<time> folder)", file=sys.stderr)
-        return 2
-    try:
-        summarise(argv[0])
-    except RunError as error:
-        print(f"repro-ablation-report: error: {error}", file=sys.stderr)
-        return 1
-    print((Path(argv[0]) / "summary.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

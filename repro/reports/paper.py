@@ -1,8 +1,18 @@
-"""Published ILSVRC-2012 validation error rates (percent) that a run is compared with, and where they come from.
+"""Published ILSVRC-2012 validation error rates (percent) that a run is compared with, where they come from, and a
+finished run's `report.md` beside them; the paper's ablation effects, for the sweep summaries.
 
 Each entry: top-1/top-5 with the centre crop ("1crop") and with the paper's 10 patches ("10crop"); None where the
 source gives no number.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from repro.errors import RunError
+from repro.evaluate import METRIC_LABELS
+from repro.io import atomic_write
 
 REFERENCES = [
     {"name": "paper, Table 2, 1 CNN", "source": "Krizhevsky et al. 2012, Table 2",
@@ -17,30 +27,46 @@ REFERENCES = [
      "top1_err_1crop": 43.5, "top5_err_1crop": 20.9, "top1_err_10crop": None, "top5_err_10crop": None},
 ]
 
-LABELS = {"top1_err_1crop": "top-1 centre", "top5_err_1crop": "top-5 centre",
-          "top1_err_10crop": "top-1 10 patches", "top5_err_10crop": "top-5 10 patches"}
-PAPER_METRICS = tuple(LABELS)  # the four numbers every run reports
+COMPARABLE = "ILSVRC-2012"  # the published rows are on its validation set
 
 
 def comparison_table(metrics: dict, dataset: str) -> str:
-    """A Markdown table of this run beside the published numbers, with this run's difference from each."""
+    """A Markdown table of this run beside the published numbers; with this run's difference from each only when
+    the run is on the same data (ILSVRC-2012)."""
 
     def cell(value):
         return "–" if value is None else f"{value:.2f}"
 
     def difference(ref):
-        return ", ".join(f"{label} {metrics[k] - ref[k]:+.2f}" for k, label in LABELS.items()
+        return ", ".join(f"{label} {metrics[k] - ref[k]:+.2f}" for k, label in METRIC_LABELS.items()
                          if ref[k] is not None and metrics.get(k) is not None) or "–"
 
-    lines = ["| | " + " | ".join(LABELS.values()) + " | this run minus it |", "|---|---|---|---|---|---|",
-             f"| **this run** ({dataset}) | " + " | ".join(cell(metrics.get(k)) for k in LABELS) + " | |"]
+    comparable = dataset == COMPARABLE
+    header = "| | " + " | ".join(METRIC_LABELS.values()) + (" | this run minus it |" if comparable else " |")
+    lines = [header, "|---" * (len(METRIC_LABELS) + 1 + comparable) + "|",
+             f"| **this run** ({dataset}) | " + " | ".join(cell(metrics.get(k)) for k in METRIC_LABELS)
+             + (" | |" if comparable else " |")]
     for ref in REFERENCES:
-        lines.append(f"| {ref['name']} | " + " | ".join(cell(ref[k]) for k in LABELS) + f" | {difference(ref)} |")
+        lines.append(f"| {ref['name']} | " + " | ".join(cell(ref[k]) for k in METRIC_LABELS)
+                     + (f" | {difference(ref)} |" if comparable else " |"))
     lines.append("")
     lines.append("Error rates in percent on the ILSVRC-2012 validation set (50,000 images) for the published rows. "
-                 + ("" if dataset == "ILSVRC-2012" else
-                    f"This run used {dataset}, so its numbers are not comparable with them."))
+                 + ("" if comparable else f"This run used {dataset}, so its numbers are not comparable with them "
+                                          "and no differences are shown."))
     return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> str:
+    """report.md in the run folder: this run's errors beside the paper's and other published ones."""
+    metrics_path = Path(run_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise RunError(f"{metrics_path} does not exist: the run has not finished (resume it to finish it)")
+    metrics = json.loads(metrics_path.read_text())
+    table = comparison_table(metrics, metrics["dataset"])
+    text = (f"# {Path(run_dir).name}: {metrics['preset']} preset, epoch {metrics['epoch']}, step {metrics['step']}\n\n"
+            f"{table}\n")
+    atomic_write(Path(run_dir) / "report.md", lambda f: f.write(text.encode()))
+    return text
 
 
 # The paper's ablations (conf/ablation/NAME.yaml): what each changes from the full network, and the effect the paper

@@ -1,8 +1,8 @@
 """The paper's Figures 3 and 4 (§6.1) from a trained run, and `repro-figures`.
 
 - Figure 3: the conv1 kernels, tower 0's 48 above tower 1's, each contrast-stretched on its own, plus one number
-  per tower saying how colour-specific its kernels are (`colour_specificity`), so that the paper's observation
-  (one GPU's kernels largely colour-agnostic, the other's colour-specific) can be checked across runs.
+  per tower saying how colour-specific its kernels are (`repro.kernels.colour_specificity`), so that the paper's
+  observation (one GPU's kernels largely colour-agnostic, the other's colour-specific) can be checked across runs.
 - Figure 4 left: validation images with the network's five most probable classes as bars (the true class red).
 - Figure 4 right: validation images, each with the six training images whose fc7 features (the last hidden
   layer, 4096-d) are nearest in Euclidean distance, found by streaming the whole training split through the
@@ -13,10 +13,7 @@ Everything goes into `<run>/figures/` (PNG and JSON) and, as images and scalars,
 
 from __future__ import annotations
 
-import argparse
-import copy
 import io
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,14 +23,15 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
-from tqdm import tqdm
 
-from repro.data import BORDER, CROP, Augment, Split, StoreError, batches
+from repro.data import CROP, Augment, batches
+from repro.errors import RunError
 from repro.evaluate import load_trained
+from repro.io import atomic_write, write_json
+from repro.kernels import conv1_colour, conv1_grids
 from repro.model import AlexNet, exchange
-from repro.prepare import atomic_write, write_json
-from repro.runtime import RunError
+from repro.progress import progress
+from repro.store import Split
 
 FIGURES = ("conv1", "neighbours", "top5")
 PAPER_QUERIES = {"top5": 8, "neighbours": 5}  # Fig. 4: 8 images with their labels, 5 with their neighbours
@@ -49,40 +47,6 @@ CELL = 2.0  # inches per image in the Figure 4 grids (200 pixels at DPI)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Figure 3: conv1
-
-
-def conv1_grids(model: AlexNet, per_row: int = 8, zoom: int = 1, padding: int = 1) -> list[torch.Tensor]:
-    """Each tower's conv1 kernels as one RGB image [3, H, W] in [0, 1], `zoom` times enlarged (nearest). The paper
-    does not say how it scaled them; here each kernel is stretched on its own from its lowest weight (black) to its
-    highest (white) over all three channels, which keeps the balance between its colours."""
-    grids = []
-    for tower in model.towers:
-        kernels = tower.conv1.weight.detach().float().cpu()
-        kernels = kernels.repeat_interleave(zoom, dim=2).repeat_interleave(zoom, dim=3)
-        grids.append(make_grid(kernels, nrow=per_row, padding=padding, normalize=True, scale_each=True,
-                               pad_value=1.0))
-    return grids
-
-
-def colour_specificity(kernels: torch.Tensor) -> float:
-    """How colour-specific RGB kernels [K, 3, h, w] are, from 0 to 1.
-
-    Per kernel: the fraction of its energy (sum of squared weights) that is not in its grey part, the grey part
-    being each pixel's mean over R, G and B; then the mean over the kernels. 0: every kernel weighs R, G and B
-    alike (colour-agnostic); 1: at every pixel the weights sum to zero over R, G and B (pure colour opponency).
-    A kernel with independent random weights per channel scores 2/3 on average (colour is two of the three
-    dimensions of RGB), so a freshly initialised tower sits near 0.67: training moves a colour-agnostic tower
-    down from there and a colour-specific one stays or goes up.
-    """
-    weights = kernels.detach().double().flatten(2)  # [K, 3, h*w]
-    chroma = weights - weights.mean(dim=1, keepdim=True)
-    energy = weights.pow(2).sum(dim=(1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
-    return float((chroma.pow(2).sum(dim=(1, 2)) / energy).mean())
-
-
-def conv1_colour(model: AlexNet) -> list[float]:
-    """`colour_specificity` of each tower's conv1 kernels."""
-    return [colour_specificity(tower.conv1.weight) for tower in model.towers]
 
 
 def conv1_figure(model: AlexNet) -> Image.Image:
@@ -120,11 +84,10 @@ def fc7_batches(model: AlexNet, augment: Augment, split: Split, batch_size: int,
     `start_step`, the model in eval mode, with a progress bar when `desc` is given."""
     model.eval()
     loader = batches(split, batch_size, shuffle=False, drop_last=False, workers=workers, start_step=start_step)
-    with tqdm(total=-(-len(split) // batch_size), initial=start_step, desc=desc, unit="batch", dynamic_ncols=True,
-              disable=desc is None or None) as bar:
-        for images, _ in loader:
-            yield logits_and_fc7(model, augment.test_views(images, ten_crop=False))
-            bar.update(1)
+    if desc:
+        loader = progress(loader, desc, -(-len(split) // batch_size), "batch", initial=start_step)
+    for images, _ in loader:
+        yield logits_and_fc7(model, augment.test_views(images, ten_crop=False))
 
 
 class NearestSearch:
@@ -191,21 +154,8 @@ def query_positions(split: Split, count: int) -> np.ndarray:
     """`count` positions spread evenly over the split (the first and the last included), so every run of the tool
     shows the same images."""
     if not 1 <= count <= len(split):
-        raise RunError(f"--queries {count}: the validation split has {len(split)} images; ask for 1 to {len(split)}")
+        raise RunError(f"queries={count}: the validation split has {len(split)} images; ask for 1 to {len(split)}")
     return np.linspace(0, len(split) - 1, count).round().astype(np.int64)
-
-
-def rows_of(split: Split, positions: np.ndarray) -> Split:
-    """The same split restricted to `positions` (of its usable rows), in that order."""
-    part = copy.copy(split)
-    part.rows = split.rows[positions]
-    return part
-
-
-def centre_crops(split: Split, positions: np.ndarray) -> np.ndarray:
-    """The 224x224 centre crops the network saw, uint8 [N, 224, 224, 3], of the images at `positions`."""
-    images, start = np.load(split.images_path, mmap_mode="r"), BORDER // 2
-    return np.stack([images[row, start:start + CROP, start:start + CROP] for row in split.rows[positions]])
 
 
 def short_name(words: str, limit: int = 30) -> str:
@@ -264,18 +214,22 @@ def neighbours_figure(queries: np.ndarray, query_labels: Sequence[int], neighbou
 # The tool
 
 
-def resolve_target(target: Path) -> tuple[Path, Path]:
-    """(checkpoint, run folder) for a run folder (its checkpoints/last.pt: the final weights, the ones metrics.json
-    describes) or a checkpoint file (its run folder when it sits in one's checkpoints/, else its own folder)."""
-    if target.is_dir():
-        checkpoint = target / "checkpoints" / "last.pt"
-        if not checkpoint.is_file():
-            raise RunError(f"{target} has no checkpoints/last.pt: give a repro-train run folder "
-                           "(runs/<experiment>/<time>) whose run has written a checkpoint, or a checkpoint file")
-        return checkpoint, target
-    if target.is_file():
-        return target, target.parent.parent if target.parent.name == "checkpoints" else target.parent
-    raise RunError(f"{target} does not exist: give a run folder (runs/<experiment>/<time>) or a checkpoint file")
+def resolve_target(run_dir: str | None, checkpoint: str | None) -> tuple[Path, Path]:
+    """(checkpoint, run folder): `checkpoint` (its run folder when it sits in one's checkpoints/, else its own
+    folder), or the run folder's checkpoints/last.pt (the final weights, the ones metrics.json describes)."""
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise RunError(f"checkpoint={checkpoint} does not exist")
+        return path, Path(run_dir) if run_dir else path.parent.parent if path.parent.name == "checkpoints" \
+            else path.parent
+    if not run_dir:
+        raise RunError("give run_dir=<a repro-train run folder, runs/<experiment>/<time>> or checkpoint=<a file>")
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise RunError(f"run_dir={run_dir} has no checkpoints/last.pt: give a repro-train run folder whose run has "
+                       "written a checkpoint, or checkpoint=<a checkpoint file>")
+    return path, Path(run_dir)
 
 
 def save_png(path: Path, picture: Figure | Image.Image) -> np.ndarray:
@@ -289,17 +243,17 @@ def save_png(path: Path, picture: Figure | Image.Image) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def make_figures(target: Path, which: Sequence[str] = FIGURES, store: str | None = None,
-                 devices: Sequence[str] | None = None, queries: int | None = None, batch_size: int = 64,
-                 workers: int = 2) -> dict:
+def make_figures(run_dir: str | None = None, checkpoint: str | None = None, which: Sequence[str] = FIGURES,
+                 store: str | None = None, devices: Sequence[str] | None = None, queries: int | None = None,
+                 batch_size: int = 64, workers: int = 2) -> dict:
     """Write the figures `which` names for a run folder or checkpoint into `<run>/figures/` and its TensorBoard;
     return what was written (paths, colour specificity per tower)."""
     unknown = sorted(set(which) - set(FIGURES))
     if unknown or not which:
-        raise RunError(f"--which {','.join(which)}: choose from {','.join(FIGURES)}")
+        raise RunError(f"which={list(which)}: choose from {list(FIGURES)}")
     if batch_size <= 0:
-        raise RunError(f"--batch-size {batch_size}: must be positive")
-    checkpoint_path, run_dir = resolve_target(Path(target))
+        raise RunError(f"batch_size={batch_size}: must be positive")
+    checkpoint_path, run_dir = resolve_target(run_dir, checkpoint)
     checkpoint, model, store, augment = load_trained(checkpoint_path, store, devices)
     out, step = run_dir / "figures", checkpoint["global_step"]
     out.mkdir(parents=True, exist_ok=True)
@@ -330,12 +284,12 @@ def make_figures(target: Path, which: Sequence[str] = FIGURES, store: str | None
                 if kind not in which:
                     continue
                 positions = query_positions(val, PAPER_QUERIES[kind] if queries is None else queries)
-                outputs = list(fc7_batches(model, augment, rows_of(val, positions), batch_size))
+                outputs = list(fc7_batches(model, augment, val.take(positions), batch_size))
                 logits, fc7 = (torch.cat(parts) for parts in zip(*outputs))
                 labels = val.labels[val.rows[positions]].tolist()
                 if kind == "top5":
                     probs = logits.float().softmax(dim=1).cpu()
-                    publish("fig4_top5", top5_figure(centre_crops(val, positions), probs, labels, names))
+                    publish("fig4_top5", top5_figure(val.centre_crops(positions, CROP), probs, labels, names))
                     continue
                 train = store.split("train")
                 key = {"checkpoint": str(checkpoint_path.resolve()), "step": step, "store": str(store.root),
@@ -343,41 +297,8 @@ def make_figures(target: Path, which: Sequence[str] = FIGURES, store: str | None
                 _, found = search_training_store(model, augment, train, fc7, batch_size, workers,
                                                  out / "neighbours_search.pt", key)
                 found = found.numpy()
-                pictures = centre_crops(train, found.reshape(-1)).reshape(*found.shape, CROP, CROP, 3)
+                pictures = train.centre_crops(found.reshape(-1), CROP).reshape(*found.shape, CROP, CROP, 3)
                 neighbour_labels = train.labels[train.rows[found]]
-                publish("fig4_neighbours", neighbours_figure(centre_crops(val, positions), labels, pictures,
+                publish("fig4_neighbours", neighbours_figure(val.centre_crops(positions, CROP), labels, pictures,
                                                              neighbour_labels, names))
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="repro-figures", description="The paper's Figures 3 and 4 from a trained run, into RUN/figures/ and "
-                                          "RUN/tb/.")
-    parser.add_argument("target", type=Path, help="a run folder (its checkpoints/last.pt is used) or a checkpoint")
-    parser.add_argument("--store", help="the prepared store (default: the one the run trained on)")
-    parser.add_argument("--queries", type=int, help="validation images per Figure 4 panel (default: the paper's "
-                                                    "8 for top5, 5 for neighbours)")
-    parser.add_argument("--devices", help="the towers' devices, e.g. cuda:0,cuda:1 or cpu,cpu (default: two GPUs, "
-                                          "one GPU or the CPU, whichever exists)")
-    parser.add_argument("--which", default=",".join(FIGURES), help="any of conv1,neighbours,top5 (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--workers", type=int, default=2, help="loader processes (default 2)")
-    args = parser.parse_args(argv)
-    try:
-        result = make_figures(args.target, [w for w in args.which.split(",") if w], args.store,
-                              args.devices.split(",") if args.devices else None, args.queries, args.batch_size,
-                              args.workers)
-    except (RunError, StoreError) as error:
-        print(f"repro-figures: error: {error}", file=sys.stderr)
-        return 1
-    for path in result["written"]:
-        print(path)
-    if "colour_specificity" in result:
-        print("conv1 colour specificity (0 grey .. 1 pure colour, ~0.67 random): " + ", ".join(
-            f"tower {t} {value:.3f}" for t, value in enumerate(result["colour_specificity"])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

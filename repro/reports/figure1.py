@@ -2,23 +2,22 @@
 six times faster than the same net with tanh units, each with its own, independently chosen learning rate and no
 regularisation of any kind.
 
-`repro-figure1 --data PATH --out DIR` trains the net once per (activation, learning rate), counts the training
+`repro-figure1 data=PATH out=DIR` trains the net once per (activation, learning rate), counts the training
 error over each epoch (as the paper's curve does), picks per activation the learning rate that reaches 25% first,
 and writes `figure1_relu_tanh.json` (every curve, the choices, epochs to 25%, the ratio, the settings) and
 `figure1_relu_tanh.png` into DIR. Each finished run goes into the JSON at once and each epoch of the current run
 into `DIR/partial/`, so a killed run loses at most one epoch and a rerun skips what is done.
 
-Whether tanh is slower depends on the setting (see README): `--init paper` (weights N(0, 0.01), biases 0, raw
-0-255 pixels minus the mean image, as in 2012) lets tanh units saturate; `--init default` (PyTorch's
+Whether tanh is slower depends on the setting (see docs/figures.md): `init=paper` (weights N(0, 0.01), biases 0,
+raw 0-255 pixels minus the mean image, as in 2012) lets tanh units saturate; `init=default` (PyTorch's
 initialisation, inputs scaled to unit variance) does not.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -33,9 +32,14 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
+from repro.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from repro.data import epoch_order  # noqa: E402
-from repro.prepare import write_json  # noqa: E402
-from repro.runtime import RunError, environment, load_checkpoint, save_checkpoint  # noqa: E402
+from repro.errors import RunError  # noqa: E402
+from repro.io import write_json  # noqa: E402
+from repro.progress import Progress  # noqa: E402
+from repro.runtime import environment  # noqa: E402
+
+log = logging.getLogger("repro")
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 INITS = ("paper", "default")
@@ -83,7 +87,7 @@ def load_images(path: Path, download: bool = False, limit: int | None = None,
         try:
             cifar = datasets.CIFAR10(str(path), train=True, download=download)
         except (RuntimeError, OSError) as error:
-            raise RunError(f"--data {path}: CIFAR-10 could not be read ({error})") from None
+            raise RunError(f"data={path}: CIFAR-10 could not be read ({error})") from None
         pixels, labels, classes = cifar.data, np.asarray(cifar.targets), list(cifar.classes)
     else:
         pixels, labels, classes = _class_folders(path)
@@ -96,16 +100,16 @@ def load_images(path: Path, download: bool = False, limit: int | None = None,
 
 def _class_folders(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if not path.is_dir():
-        raise RunError(f"--data {path} is not a folder: give a CIFAR-10 root (with --download to fetch it) or a "
+        raise RunError(f"data={path} is not a folder: give a CIFAR-10 root (with download=true to fetch it) or a "
                        "folder of class folders such as cifar10/train/<class>/*.jpg")
     root = path / "train" if (path / "train").is_dir() else path
     try:
         folders = datasets.ImageFolder(str(root))
     except (FileNotFoundError, OSError) as error:
-        raise RunError(f"--data {path}: no class folders with images in {root} ({error}); expected "
-                       "<class>/<image> folders, or a CIFAR-10 root with --download") from None
+        raise RunError(f"data={path}: no class folders with images in {root} ({error}); expected "
+                       "<class>/<image> folders, or a CIFAR-10 root with download=true") from None
     if len(folders.classes) < 2:
-        raise RunError(f"--data {path}: {root} has {len(folders.classes)} class folder(s); training needs at least 2")
+        raise RunError(f"data={path}: {root} has {len(folders.classes)} class folder(s); training needs at least 2")
     pixels = np.empty((len(folders.samples), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for row, (file, _) in enumerate(folders.samples):
         try:
@@ -129,7 +133,7 @@ def input_transform(images: torch.Tensor, init: str) -> tuple[torch.Tensor, floa
 
 
 def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, activation: str, lr: float,
-                settings: dict, partial: Path, device: str, log=print) -> dict:
+                settings: dict, partial: Path, device: str) -> dict:
     """Train one (activation, lr) from scratch (or from its partial checkpoint) and return its run record: the
     training error counted over each epoch while training, as the paper's curve. The run stops `extra_epochs`
     after reaching the threshold (if set), at `epochs`, or when the loss stops being finite."""
@@ -146,7 +150,7 @@ def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ac
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         record = state["record"]
-        log(f"{activation} lr={lr:g}: resuming after epoch {len(record['train_error'])}")
+        log.info(f"{activation} lr={lr:g}: resuming after epoch {len(record['train_error'])}")
     batch_size, extra = settings["batch_size"], settings["extra_epochs"]
     while len(record["train_error"]) < settings["epochs"]:
         epoch, start = len(record["train_error"]), time.perf_counter()
@@ -154,7 +158,8 @@ def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ac
         # counted on the device and read once per epoch, so the host never waits for a GPU inside an epoch
         wrong, loss_sum = torch.zeros((), device=device), torch.zeros((), dtype=torch.float64, device=device)
         net.train()
-        for first in range(0, len(order), batch_size):
+        steps = range(0, len(order), batch_size)
+        for first in Progress(f"{activation} lr={lr:g} epoch {epoch + 1}", len(steps), "step").iterate(steps):
             rows = order[first:first + batch_size]
             logits = net((images[rows].float() - mean) * scale)
             loss = F.cross_entropy(logits, labels[rows])
@@ -166,12 +171,12 @@ def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ac
         wrong, loss_sum = int(wrong), float(loss_sum)
         if not math.isfinite(loss_sum):  # the epoch is discarded: its weights are not saved
             record["stopped"] = f"diverged in epoch {epoch + 1}"
-            log(f"{activation} lr={lr:g}: the loss became non-finite in epoch {epoch + 1}; run stopped")
+            log.info(f"{activation} lr={lr:g}: the loss became non-finite in epoch {epoch + 1}; run stopped")
             break
         record["train_error"].append(wrong / len(order))
         record["train_loss"].append(loss_sum / len(order))
         record["seconds"] += time.perf_counter() - start
-        log(f"{activation} lr={lr:g} epoch {epoch + 1}: training error {record['train_error'][-1]:.4f}, "
+        log.info(f"{activation} lr={lr:g} epoch {epoch + 1}: training error {record['train_error'][-1]:.4f}, "
             f"loss {record['train_loss'][-1]:.4f} ({time.perf_counter() - start:.1f} s)")
         reached = epochs_to_threshold(record["train_error"], settings["threshold"])
         if extra is not None and reached is not None and len(record["train_error"]) >= reached + extra:
@@ -253,12 +258,22 @@ def plot(results: dict, path: Path) -> None:
 
 def figure1(data: Path, out: Path, activations: list[str], lrs: list[float], epochs: int, extra_epochs: int | None,
             init: str = "paper", seed: int = 0, limit: int | None = None, batch_size: int = 128,
-            device: str = "cpu", download: bool = False, log=print) -> dict:
+            device: str = "cpu", download: bool = False) -> dict:
     """Every (activation, lr) run not already in `out`'s results, then the choices, the ratio and the figure."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit or 1), *(
+            ("lrs", lr) for lr in lrs)):
+        if not value > 0:
+            raise RunError(f"{name}: {value} must be positive")
+    if extra_epochs is not None and extra_epochs < 0:
+        raise RunError(f"extra_epochs={extra_epochs}: must be 0 or more, or null (never stop early)")
+    unknown = sorted(set(activations) - set(ACTIVATIONS))
+    if unknown or not activations or init not in INITS:
+        raise RunError(f"activations={activations}, init={init}: choose activations from {sorted(ACTIVATIONS)} "
+                       f"and init from {list(INITS)}")
     start = time.perf_counter()
     images, labels, classes = load_images(data, download, limit, seed)
     if len(labels) < batch_size:
-        raise RunError(f"--data {data} gives {len(labels)} images, fewer than one batch of {batch_size}")
+        raise RunError(f"data={data} gives {len(labels)} images, fewer than one batch of {batch_size}")
     settings = {"data": str(Path(data).resolve()), "limit": limit, "images": len(labels), "classes": classes,
                 "init": init, "seed": seed, "batch_size": batch_size, "momentum": 0.9, "epochs": epochs,
                 "extra_epochs": extra_epochs, "threshold": THRESHOLD, "activations": activations, "lrs": lrs,
@@ -272,28 +287,28 @@ def figure1(data: Path, out: Path, activations: list[str], lrs: list[float], epo
         changed = [f"{k}: {previous['settings'].get(k)} now {settings[k]}" for k in CURVE_SETTINGS
                    if previous["settings"].get(k) != settings[k]]
         if changed:
-            raise RunError(f"{out} holds runs with other settings ({'; '.join(changed)}); use another --out")
+            raise RunError(f"{out} holds runs with other settings ({'; '.join(changed)}); use another out=")
         results["runs"], results["seconds"] = previous["runs"], previous["seconds"]
         # What the folder holds: the searches of earlier calls too.
         settings["activations"] = list(dict.fromkeys(previous["settings"]["activations"] + activations))
         settings["lrs"] = list(dict.fromkeys(previous["settings"]["lrs"] + lrs))
     partial = out / "partial"
-    log(f"{len(labels)} training images, {len(classes)} classes, init {init}, device {device}")
+    log.info(f"{len(labels)} training images, {len(classes)} classes, init {init}, device {device}")
     for lr in lrs:  # lr-major: a kill leaves pairs of curves to compare
         for activation in activations:
             key = run_key(activation, lr)
             if key in results["runs"]:
-                log(f"{key}: done before ({RESULTS_JSON}), skipped")
+                log.info(f"{key}: done before ({RESULTS_JSON}), skipped")
                 continue
             partial.mkdir(exist_ok=True)
             checkpoint = partial / f"{activation}-lr{lr:g}.pt"
-            run = train_curve(images, labels, len(classes), activation, lr, settings, checkpoint, device, log)
+            run = train_curve(images, labels, len(classes), activation, lr, settings, checkpoint, device)
             results["runs"][key] = run
             results["seconds"] = round(results["seconds"] + run["seconds"], 1)
             summarise(results)
             write_json(results_path, results)  # before the partial goes: a kill between the two loses nothing
             checkpoint.unlink(missing_ok=True)
-            log(f"{key}: epochs to {THRESHOLD:.0%}: {run['epochs_to_threshold']}, last error "
+            log.info(f"{key}: epochs to {THRESHOLD:.0%}: {run['epochs_to_threshold']}, last error "
                 f"{run['final_error']}, {run['stopped']}")
     if partial.is_dir() and not any(partial.iterdir()):
         partial.rmdir()
@@ -308,63 +323,4 @@ def load_results(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise RunError(f"{path} could not be read ({error}); remove it or use another --out") from None
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="repro-figure1", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True,
-                        help="CIFAR-10: a class-folder root (<class>/<image>, or a folder with train/) or a "
-                             "torchvision CIFAR-10 root (cifar-10-batches-py; add --download to fetch it)")
-    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into --data (torchvision)")
-    parser.add_argument("--out", type=Path, default=Path("docs/figures"), help="output folder (default: docs/figures)")
-    parser.add_argument("--epochs", type=_positive(int), default=40, help="epochs per run at most (default: 40)")
-    parser.add_argument("--extra-epochs", type=int, default=5,
-                        help="stop a run this many epochs after it reaches 25%% (default: 5; -1: never stop early)")
-    parser.add_argument("--lrs", type=_positive(float), nargs="+", default=[0.0005, 0.001, 0.002],
-                        help="learning rates searched per activation (default: 0.0005 0.001 0.002)")
-    parser.add_argument("--activations", nargs="+", choices=sorted(ACTIVATIONS), default=["relu", "tanh"])
-    parser.add_argument("--init", choices=INITS, default="paper",
-                        help="paper: N(0, 0.01) weights, zero biases, raw pixels minus the mean (default); "
-                             "default: PyTorch's initialisation with unit-variance inputs")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights, shuffling and --limit (default: 0)")
-    parser.add_argument("--limit", type=_positive(int), default=None, help="use a random subset of this many images")
-    parser.add_argument("--batch-size", type=_positive(int), default=128, help="(default: 128)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    args = parser.parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"argument --device: {args.device!r} is not a device name (cpu, cuda, cuda:1)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"argument --device: {args.device} does not exist here ({torch.cuda.device_count()} GPU(s))")
-    try:
-        results = figure1(args.data, args.out, list(dict.fromkeys(args.activations)), list(dict.fromkeys(args.lrs)),
-                          args.epochs, None if args.extra_epochs < 0 else args.extra_epochs, args.init, args.seed,
-                          args.limit, args.batch_size, args.device, args.download)
-    except RunError as error:
-        print(f"repro-figure1: error: {error}", file=sys.stderr)
-        return 1
-    for activation, chosen in results["chosen"].items():
-        print(f"{activation}: lr {chosen['lr']:g}, epochs to {THRESHOLD:.0%}: {chosen['epochs_to_threshold']}, "
-              f"last training error {chosen['final_error']:.4f}")
-    print(f"ratio {results['ratio']}" if results["ratio_more_than"] is None
-          else f"ratio > {results['ratio_more_than']} (tanh did not reach {THRESHOLD:.0%})")
-    print(f"wrote {args.out / RESULTS_JSON} and {args.out / FIGURE_PNG}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise RunError(f"{path} could not be read ({error}); remove it or use another out=") from None

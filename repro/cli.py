@@ -1,0 +1,229 @@
+"""Every command of the project (the console scripts of setup.cfg), with one convention.
+
+Settings are key=value, typed by the schemas in repro/config.py and parsed by Hydra (so `devices=[cpu,cpu]`,
+`model.lrn=false` and `which=[conv1]` read the same everywhere); `COMMAND --help` lists them. A problem the user
+can fix (`repro.errors.ReproError`) ends a command with one line on stderr and exit status 2. `repro-train` and
+`repro-eval` are Hydra apps (run folders, `--multirun` sweeps, in which a failed job is recorded and the others
+go on); the other commands compose their settings with Hydra's compose API and write no Hydra folders.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from hydra import compose, initialize, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from repro.config import CONF_DIR, TOOL_CONFIGS
+from repro.demo_data import make_demo_data
+from repro.distributed import World
+from repro.errors import ReproError, RunError
+from repro.evaluate import evaluate_checkpoint
+from repro.prepare import prepare
+from repro.progress import setup_logging
+from repro.reports.ablation import summarise
+from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
+from repro.reports.figures import make_figures
+from repro.reports.paper import write_report
+from repro.runtime import resolve_devices
+from repro.train import train
+
+
+def fail(tool: str, error: Exception) -> None:
+    """The one line a command prints for the user's problem."""
+    print(f"{tool}: error: {error}", file=sys.stderr)
+
+
+def entry_point(tool: str):
+    """A command taking `argv` (default: the command line), with the shared logging and error handling."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            setup_logging()
+            try:
+                return main(sys.argv[1:] if argv is None else list(argv)) or 0
+            except ReproError as error:
+                fail(tool, error)
+                return 2
+        return run
+    return decorate
+
+
+def composed(config_name: str, overrides: list[str], conf: bool = True) -> DictConfig:
+    """The config `config_name` with key=value `overrides`, from conf/ (`conf`) or from the schemas alone (the
+    commands other than training's, whose keys must not be read as conf/'s groups); problems as RunError."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RunError(f"{bad[0]!r}: settings are key=value (e.g. devices=[cpu,cpu]); --help lists them")
+    try:
+        with (initialize_config_dir(config_dir=CONF_DIR, version_base="1.3") if conf else
+              initialize(config_path=None, version_base="1.3")):
+            return compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise RunError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
+
+
+def settings(tool: str, key: str, argv: list[str]) -> DictConfig:
+    """The settings of a command from its key=value arguments (`--help` prints them and exits)."""
+    schema = TOOL_CONFIGS[key]
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: {tool} key=value ...\n\n{' '.join(schema.__doc__.split())}\n\nsettings and defaults (??? "
+              f"must be given):\n{OmegaConf.to_yaml(OmegaConf.structured(schema))}")
+        sys.exit(0)
+    cfg = composed(f"{key}_schema", argv, conf=False)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RunError(f"give {' '.join(f'{k}=...' for k in missing)} ({tool} --help lists the settings)")
+    return cfg
+
+
+# -- training and evaluation (Hydra apps) ----------------------------------------------------------------------
+
+
+def train_main() -> None:
+    """`repro-train [key=value ...]`, also under torchrun (one process per GPU pair) and as a --multirun sweep."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    world = World.from_env()
+    if not world.main:
+        # Only rank 0's Hydra makes the run folder (its ${now} name may differ here); train() shares it.
+        sys.argv = [a for a in sys.argv if not a.lstrip("+~").startswith("hydra.run.dir=")] + [
+            "hydra.run.dir=.", "hydra.output_subdir=null"]
+
+    @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+    def run(cfg: DictConfig) -> float:
+        setup_logging()
+        if cfg.run_dir is None:
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            metrics = train(cfg)
+            if world.main:
+                print(write_report(cfg.run_dir))
+        except ReproError as error:
+            fail(f"repro-train{f' (rank {world.rank})' if world.launched else ''}", error)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # Hydra marks the job failed and goes on with the sweep's other jobs (an exit would stop them)
+            sys.exit(2)
+        return metrics["top1_err_10crop"]
+
+    run()
+
+
+def eval_main() -> None:
+    """`repro-eval checkpoint=... [store=...] [devices=[...]]`: centre crop and 10 patches of a checkpoint."""
+    import hydra
+
+    @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        setup_logging()
+        try:
+            metrics = evaluate_checkpoint(cfg)
+        except ReproError as error:
+            fail("repro-eval", error)
+            sys.exit(2)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "options"}, indent=1))
+
+    run()
+
+
+@entry_point("repro-resume")
+def resume_main(argv: list[str]) -> int:
+    """`repro-resume run_dir=RUN [key=value ...]`: continue a run from its last checkpoint, with the run's own
+    command-line settings (.hydra/overrides.yaml) and any new ones (e.g. data.workers=8)."""
+    run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    if not run_dirs:
+        raise RunError("give run_dir=<the run folder to continue> (and any settings to change, key=value)")
+    run_dir = Path(run_dirs[-1])
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        raise RunError(f"{overrides_file} does not exist: {run_dir} is not a repro-train run folder")
+    overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or [] if not o.startswith("hydra.")]
+    extra = [a for a in argv if not a.startswith("run_dir=")]
+    train(composed("train", [*overrides, *extra, f"run_dir={run_dir.resolve()}"]))
+    print(write_report(run_dir))
+    return 0
+
+
+@entry_point("repro-report")
+def report_main(argv: list[str]) -> int:
+    print(write_report(Path(settings("repro-report", "report", argv).run_dir)))
+    return 0
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+@entry_point("repro-prepare")
+def prepare_main(argv: list[str]) -> int:
+    cfg = settings("repro-prepare", "prepare", argv)
+    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft)
+    return 0
+
+
+@entry_point("repro-demo-data")
+def demo_data_main(argv: list[str]) -> int:
+    cfg = settings("repro-demo-data", "demo_data", argv)
+    info = make_demo_data(cfg.raw, cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed)
+    print(f"{cfg.raw}: demo ILSVRC-2012 with {cfg.classes} classes, {len(info['wnids']) * cfg.train_per_class} "
+          f"train and {len(info['val_labels'])} validation images, seed {cfg.seed}")
+    return 0
+
+
+# -- reports ---------------------------------------------------------------------------------------------------
+
+
+@entry_point("repro-figures")
+def figures_main(argv: list[str]) -> int:
+    cfg = settings("repro-figures", "figures", argv)
+    result = make_figures(cfg.run_dir, cfg.checkpoint, list(cfg.which), cfg.store, cfg.devices, cfg.queries,
+                          cfg.batch_size, cfg.workers)
+    for path in result["written"]:
+        print(path)
+    if "colour_specificity" in result:
+        print("conv1 colour specificity (0 grey .. 1 pure colour, ~0.67 random): " + ", ".join(
+            f"tower {t} {value:.3f}" for t, value in enumerate(result["colour_specificity"])))
+    return 0
+
+
+@entry_point("repro-figure1")
+def figure1_main(argv: list[str]) -> int:
+    cfg = settings("repro-figure1", "figure1", argv)
+    resolve_devices([cfg.device, cfg.device], require_two_gpus=False)  # a device that exists here
+    results = figure1(Path(cfg.data), Path(cfg.out), list(dict.fromkeys(cfg.activations)),
+                      list(dict.fromkeys(cfg.lrs)), cfg.epochs, cfg.extra_epochs, cfg.init, cfg.seed, cfg.limit,
+                      cfg.batch_size, cfg.device, cfg.download)
+    for activation, chosen in results["chosen"].items():
+        print(f"{activation}: lr {chosen['lr']:g}, epochs to {THRESHOLD:.0%}: {chosen['epochs_to_threshold']}, "
+              f"last training error {chosen['final_error']:.4f}")
+    print(f"ratio {results['ratio']}" if results["ratio_more_than"] is None
+          else f"ratio > {results['ratio_more_than']} (tanh did not reach {THRESHOLD:.0%})")
+    print(f"wrote {Path(cfg.out) / RESULTS_JSON} and {Path(cfg.out) / FIGURE_PNG}")
+    return 0
+
+
+@entry_point("repro-ablation-report")
+def ablation_report_main(argv: list[str]) -> int:
+    cfg = settings("repro-ablation-report", "ablation_report", argv)
+    summarise(cfg.sweep)
+    print((Path(cfg.sweep) / "summary.md").read_text())
+    return 0
+
+
+@entry_point("repro-gpus")
+def two_gpus_main(argv: list[str]) -> int:
+    """Exit non-zero, saying why, when the paper's two GPUs are not there (`make train-imagenet` asks before it
+    prepares the data for hours)."""
+    resolve_devices(None, require_two_gpus=True)
+    print(f"{torch.cuda.device_count()} GPUs: " + ", ".join(torch.cuda.get_device_name(i)
+                                                            for i in range(torch.cuda.device_count())))
+    return 0

@@ -1,0 +1,181 @@
+"""The epochs of a run (§5): the training steps, logged and checkpointed as they go, then the end-of-epoch
+evaluation that drives the schedule.
+
+Every random draw of a step (crop, flip, colour noise, dropout) is seeded by (seed, epoch, step), so a resumed run
+takes exactly the steps an uninterrupted one would have. The host reads the device once per log window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from repro import speed
+from repro.data import batches, step_rng
+from repro.errors import RunError
+from repro.evaluate import evaluate
+from repro.kernels import conv1_colour, conv1_grids
+from repro.progress import PROGRESS, Progress, duration
+from repro.run import Run
+
+log = logging.getLogger("repro")
+
+
+def seed_dropout(value: int, devices: list[str]) -> None:
+    """Seed this step's dropout masks. Each GPU has its own generator and `torch.manual_seed` gives them all the
+    same seed, so towers on two GPUs would drop the same units; each GPU gets a seed of its own instead."""
+    torch.manual_seed(value)
+    for offset, device in enumerate(dict.fromkeys(devices)):
+        if torch.device(device).type == "cuda":
+            with torch.cuda.device(torch.device(device)):
+                torch.cuda.manual_seed(value + offset)
+
+
+class FlatLossWatch:
+    """Warns once when the loss sits at ln(classes), i.e. at chance, for `patience` steps in a row: the known slow
+    start of the paper's initialisation (biases of 1, weights of std 0.01; paper-facts section 5)."""
+
+    def __init__(self, classes: int, patience: int):
+        self.classes, self.chance, self.patience = classes, math.log(classes), patience
+        self.steps, self.warned = 0, False
+
+    def update(self, mean_loss: float, steps: int) -> str | None:
+        self.steps = self.steps + steps if abs(mean_loss - self.chance) < 0.02 else 0
+        if self.steps < self.patience or self.warned:
+            return None
+        self.warned = True
+        return (f"the loss has stayed at ln({self.classes}) = {self.chance:.3f} (chance) for {self.steps} steps. "
+                "This is the known slow start of the paper's initialisation (biases of 1 with weights of std 0.01; "
+                "Caffe issues #59 and #2085): it usually leaves this plateau within ~15k steps. If it does not, "
+                "try model.init_bias=0.1 (Caffe's fix) or another seed")
+
+
+class Window:
+    """The steps since the last log line: their loss and errors summed on the device, read once at the end."""
+
+    def __init__(self, device: str):
+        self.loss, self.wrong = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.steps, self.images, self.data_wait, self.start = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, images: int) -> None:
+        self.loss += loss.detach()
+        self.wrong += (logits.detach().argmax(dim=1) != labels).sum()
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def close(self, world) -> dict:
+        """The window's global mean loss, error, rate and data wait (the same on every rank)."""
+        world.sum(self.loss)
+        world.sum(self.wrong)
+        seconds = time.perf_counter() - self.start
+        return {"loss": self.loss.item() / self.steps / world.size, "top1_err": 100.0 * self.wrong.item() / self.images,
+                "steps": self.steps, "images": self.images, "seconds": seconds,
+                "images_per_s": self.images / seconds, "data_wait": self.data_wait / seconds}
+
+
+class Loop:
+    """Runs the epochs of `run`, writing TensorBoard through `writer` (a no-op one on ranks other than 0)."""
+
+    def __init__(self, run: Run, writer):
+        self.run, self.writer = run, writer
+        self.flat_loss = FlatLossWatch(run.num_classes, run.cfg.flat_loss_steps)
+        self.images, self.seconds = 0, 0.0  # trained here, for the run's images/s
+
+    def epoch(self) -> None:
+        self.train_epoch()
+        self.end_epoch()
+
+    def train_epoch(self) -> None:
+        run, cfg = self.run, self.run.cfg
+        run.schedule.apply(run.optimizer, run.epoch)
+        run.augment.pca_lighting = cfg.data.pca_lighting and run.schedule.colour_noise(run.epoch)
+        log.info(run.schedule.describe(run.epoch))
+        run.net.train()
+        shard = (run.world.rank, run.world.size)
+        loader = batches(run.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=run.epoch, start_step=run.step,
+                         workers=cfg.data.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
+        loader = speed.prefetch(loader, run.model.devices) if cfg.speed.prefetch else loader
+        window = Window(run.devices[0])
+        with Progress(f"epoch {run.epoch}", run.steps_per_epoch, "step", initial=run.step, every=math.inf,
+                      show=run.world.main) as bar:  # the window's lines say where the epoch is
+            waited = time.perf_counter()
+            for images, labels in loader:
+                window.data_wait += time.perf_counter() - waited
+                # each rank draws its own dropout masks (one seed would give every rank's i-th image the same masks)
+                dropout_seed = int(step_rng(cfg.seed, run.epoch, run.step, stream=2).integers(2**62))
+                seed_dropout(dropout_seed + 2 * run.world.rank, run.devices)
+                x = run.augment.train(images, step_rng(cfg.seed, run.epoch, run.step), shard)
+                labels = labels.to(run.devices[0], non_blocking=True)
+                logits = run.net(x)
+                loss = F.cross_entropy(logits, labels)  # §5: mean over the batch
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scaler.scale(loss).backward()  # fp16 autocast: a scaled loss; otherwise the loss itself
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                window.add(loss, logits, labels, len(labels) * run.world.size)
+                run.step, run.global_step = run.step + 1, run.global_step + 1
+                bar.update(1)
+                checkpoint_due = run.global_step % cfg.checkpoint_every == 0
+                if window.steps == cfg.log_every or checkpoint_due or run.step == run.steps_per_epoch:
+                    self.report(window.close(run.world), bar)
+                    window = Window(run.devices[0])
+                    if checkpoint_due:
+                        run.save()
+                        run.last_saved_step = run.global_step
+                waited = time.perf_counter()
+
+    def report(self, stats: dict, bar: Progress) -> None:
+        """A closed window: stop on a non-finite loss, else count it, warn of a flat loss, log it everywhere."""
+        run = self.run
+        if not math.isfinite(stats["loss"]):
+            last_good = (f"the last good checkpoint is {run.checkpoints / 'last.pt'} (step {run.last_saved_step}); "
+                         "lower optim.lr and run the same command to resume from it"
+                         if run.last_saved_step is not None else "no checkpoint had been written yet; lower optim.lr "
+                         "and start again")
+            raise RunError(f"the loss became {stats['loss']} between steps {run.global_step - stats['steps']} and "
+                           f"{run.global_step} (epoch {run.epoch}); training stopped: {last_good}")
+        self.images, self.seconds = self.images + stats["images"], self.seconds + stats["seconds"]
+        warning = self.flat_loss.update(stats["loss"], stats["steps"])
+        if warning:
+            log.warning(warning)
+        rates = run.schedule.rates(run.epoch)  # lr, and bias_lr when the biases have a rate of their own
+        for tag, value in {"train/loss": stats["loss"], "train/top1_err": stats["top1_err"], **rates,
+                           "perf/images_per_s": stats["images_per_s"],
+                           "perf/data_wait_fraction": stats["data_wait"]}.items():
+            self.writer.add_scalar(tag, value, run.global_step)
+        bar.bar.set_postfix(loss=f"{stats['loss']:.4f}", **{k: f"{v:.0e}" for k, v in rates.items()},
+                            img_s=f"{stats['images_per_s']:.1f}", wait=f"{100 * stats['data_wait']:.0f}%")
+        left = (run.steps_per_epoch - run.step) * stats["seconds"] / stats["steps"]
+        log.info(f"epoch {run.epoch} step {run.step}/{run.steps_per_epoch} loss {stats['loss']:.4f} train_err "
+                 f"{stats['top1_err']:.1f}% {' '.join(f'{k} {v:.0e}' for k, v in rates.items())} "
+                 f"{stats['images_per_s']:.1f} img/s data wait {100 * stats['data_wait']:.0f}% epoch "
+                 f"{duration(left)} left", extra=PROGRESS)
+
+    def end_epoch(self) -> None:
+        run, cfg = self.run, self.run.cfg
+        desc = f"epoch {run.epoch} validation" if run.world.main else None
+        centre = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, False, cfg.data.workers,
+                          desc=desc, world=run.world)
+        entry = {"epoch": run.epoch, **run.schedule.rates(run.epoch), "top1_err_1crop": centre["top1_err"],
+                 "top5_err_1crop": centre["top5_err"]}
+        if cfg.ten_crop_every and (run.epoch + 1) % cfg.ten_crop_every == 0:
+            ten = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, True, cfg.data.workers,
+                           desc=desc and f"{desc}, 10 patches", world=run.world)
+            entry.update(top1_err_10crop=ten["top1_err"], top5_err_10crop=ten["top5_err"])
+        for key, value in entry.items():
+            if key.startswith("top"):
+                self.writer.add_scalar(f"val/{key}", value, run.global_step)
+        for t, (grid, colour) in enumerate(zip(conv1_grids(run.model), conv1_colour(run.model))):
+            self.writer.add_image(f"filters/conv1_tower{t}", grid, run.global_step)  # the paper's Figure 3
+            self.writer.add_scalar(f"filters/conv1_colour_specificity_tower{t}", colour, run.global_step)
+        improved = centre["top1_err"] < run.schedule.best_error  # the schedule keeps the best error so far
+        run.schedule.end_of_epoch(run.epoch, centre["top1_err"])
+        run.history.append(entry)
+        log.info(f"epoch {run.epoch} done: val top-1 {centre['top1_err']:.2f}% top-5 {centre['top5_err']:.2f}% "
+                 f"(centre crop, {centre['images']} images){' (best so far)' if improved else ''}")
+        run.epoch, run.step = run.epoch + 1, 0
+        run.save(best=improved)
+        run.last_saved_step = run.global_step

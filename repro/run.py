@@ -1,0 +1,114 @@
+"""One training run's state, assembled from its config: the store's splits, the network on its devices (§3), the
+input pipeline (§4.1), the optimiser and schedule (§5) and the position (epoch, step), saved to and resumed from
+the run folder's checkpoints. `repro.loop` runs its epochs, `repro.train` the whole run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from repro import speed
+from repro.checkpoint import load_checkpoint, save_checkpoint
+from repro.config import build_augment, build_model
+from repro.distributed import World
+from repro.errors import RunError
+from repro.io import flatten
+from repro.optim import PaperSGD, Schedule, load_state, param_groups
+from repro.runtime import set_determinism
+from repro.store import PreparedStore
+
+# Settings a resumed run must share with the checkpoint (anything else, e.g. the learning rate, may change).
+FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "seed")
+
+
+class Run:
+    """The state of one training run: what its steps change, and what its checkpoints hold."""
+
+    def __init__(self, cfg: DictConfig, world: World = World()):
+        self.cfg, self.world = cfg, world
+        self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.dir = Path(cfg.run_dir)
+        self.checkpoints = self.dir / "checkpoints"
+        if world.main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for key in ("data.batch_size", "data.pca_std", "eval_batch_size", "checkpoint_every", "log_every"):
+            value = OmegaConf.select(cfg, key)
+            if value <= 0 and not (key == "data.pca_std" and value == 0):
+                raise RunError(f"{key}={value}: must be positive")
+        self.local_batch = world.local_batch(cfg.data.batch_size)
+        self.devices = world.devices(cfg.devices, cfg.require_two_gpus)
+        if world.launched and self.devices[0].startswith("cuda"):
+            torch.cuda.set_device(self.devices[0])  # NCCL's own work goes to this rank's first GPU
+        set_determinism(cfg.deterministic)
+        speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
+        speed.set_precision(cfg.speed.tf32)
+        store = PreparedStore(cfg.data.store)
+        self.dataset = store.description
+        self.train_split = store.split("train").sample(cfg.data.limit_train, cfg.seed)
+        self.val_split = store.split("val").sample(cfg.data.limit_val, cfg.seed)
+        self.steps_per_epoch = len(self.train_split) // cfg.data.batch_size
+        if self.steps_per_epoch == 0:
+            raise RunError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(self.train_split)} "
+                           "training images; lower it")
+        self.num_classes = cfg.model.num_classes or len(store.classes)
+        if self.num_classes != len(store.classes):
+            raise RunError(f"model.num_classes={self.num_classes} but the store {store.root} has "
+                           f"{len(store.classes)} classes; leave model.num_classes unset")
+        self.record["model"]["num_classes"] = self.num_classes  # so the checkpoint rebuilds the same network
+        torch.manual_seed(cfg.seed)  # the initial weights (§5), drawn on the CPU: the same on any devices
+        try:
+            self.model = build_model(self.record["model"], self.devices)
+            self.augment = build_augment(self.record["data"], store.stats(), self.model.devices)
+        except ValueError as error:  # an option out of range, named by the model or the augmentation
+            raise RunError(str(error)) from None
+        speed.apply(self.model, cfg.speed)
+        self.scaler = speed.grad_scaler(cfg.speed, self.devices[0])
+        self.optimizer = PaperSGD(param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
+                                  lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        self.schedule = Schedule(lr=cfg.optim.lr, bias_lr=cfg.optim.bias_lr, **self.record["schedule"])
+        self.epoch = self.step = self.global_step = 0
+        self.history: list[dict] = []
+        self.resumed = (self.checkpoints / "last.pt").is_file()
+        if self.resumed:
+            self.load(self.checkpoints / "last.pt")
+        starts = world.gather(self.global_step if self.resumed else None)
+        if len(set(starts)) > 1:
+            raise RunError(f"the processes would start from different points ({starts}, per rank: a step, or None "
+                           f"for no checkpoint): {self.checkpoints} must be one folder that every node sees")
+        self.last_saved_step = self.global_step if self.resumed else None
+        self.net = world.wrap(self.model)  # training steps go through DDP; evaluation and checkpoints use the model
+
+    def state(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+                "history": self.history, "config": self.record}
+
+    def save(self, best: bool = False) -> None:
+        if not self.world.main:  # every rank holds the same state; rank 0 writes it
+            return
+        state = self.state()
+        save_checkpoint(self.checkpoints / "last.pt", state)
+        if best:
+            save_checkpoint(self.checkpoints / "best.pt", state)
+
+    def load(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path)
+        saved, now = flatten(checkpoint["config"]), flatten(self.record)
+        changed = [k for k in now if k.startswith(FIXED_ON_RESUME) and saved.get(k) != now[k]]
+        if changed:
+            raise RunError(f"{self.dir} holds a run with different settings ({', '.join(changed)}: "
+                           f"{[saved.get(k) for k in changed]} there, {[now[k] for k in changed]} now); "
+                           "resume with the same settings, or start a new run in another hydra.run.dir")
+        self.model.load_state_dict(checkpoint["model"])
+        load_state(self.optimizer, checkpoint["optimizer"], self.model)
+        if checkpoint.get("scaler"):  # empty when the run was not in fp16 then
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        self.epoch, self.step, self.global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
+        self.history = checkpoint["history"]
+        # No generator state is restored (checkpoints before this version carry one, ignored): every draw of a step
+        # is seeded by (seed, epoch, step), so a resumed run needs none, on any number of GPUs.
