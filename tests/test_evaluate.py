@@ -5,7 +5,7 @@ import torch
 from repro.config import build_model
 from repro.data import Augment, PreparedStore
 from repro.evaluate import evaluate
-from test_model import HostSyncs
+from repro.measure import HostSyncs
 
 
 def test_a_ten_patch_batch_holds_the_configured_images_and_the_counts_stay_on_the_device(demo_store):

@@ -14,10 +14,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from repro import speed
 from repro.config import SpeedConfig
+from repro.measure import CrossDeviceCopies
 from repro.model import AlexNet
 from repro.optim import PaperSGD, param_groups
 from repro.runtime import RunError
-from test_model import CrossDeviceCopies, images
+from test_model import images
 from test_train import tiny_cfg
 
 # Largest |difference| allowed, as a fraction of the largest |logit|. float32 options only reorder sums (measured
