@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
-        prepare-imagenet bench bench-data figure1 clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
+        prepare-imagenet bench bench-data preflight figure1 clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
         ablation-report
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
@@ -111,6 +111,9 @@ prepare-demo: demo-data ## prepare the demo set into data/demo/store (its one tr
 prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagenet RAW=/path/to/ilsvrc [STORE=/fast/disk/store]
 	@test -n "$(RAW)" || { echo "usage: make prepare-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)] [ARGS=skip_bad=true]" >&2; exit 2; }
 	$(BIN)/repro-prepare raw=$(RAW) store=$(STORE) $(ARGS)
+
+preflight: $(INSTALLED) ## a new box's first command (numerics, placement, randomness, speed): make preflight [STORE=...] [ARGS=...]
+	$(BIN)/repro-preflight $(if $(or $(filter-out file,$(origin STORE)),$(wildcard $(STORE)/manifest.json)),store=$(STORE)) $(ARGS)
 
 bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench_data.py

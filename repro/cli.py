@@ -16,16 +16,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from hydra import compose, initialize, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from repro.config import CONF_DIR, TOOL_CONFIGS
+from repro.config import CONF_DIR, TOOL_CONFIGS, composed
 from repro.demo_data import make_demo_data
 from repro.distributed import World
 from repro.errors import ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
+from repro.preflight import preflight
 from repro.prepare import prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
@@ -55,20 +53,6 @@ def entry_point(tool: str):
                 return 2
         return run
     return decorate
-
-
-def composed(config_name: str, overrides: list[str], conf: bool = True) -> DictConfig:
-    """The config `config_name` with key=value `overrides`, from conf/ (`conf`) or from the schemas alone (the
-    commands other than training's, whose keys must not be read as conf/'s groups); problems as RunError."""
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise RunError(f"{bad[0]!r}: settings are key=value (e.g. devices=[cpu,cpu]); --help lists them")
-    try:
-        with (initialize_config_dir(config_dir=CONF_DIR, version_base="1.3") if conf else
-              initialize(config_path=None, version_base="1.3")):
-            return compose(config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        raise RunError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
 
 
 def settings(tool: str, key: str, argv: list[str]) -> DictConfig:
@@ -227,3 +211,9 @@ def two_gpus_main(argv: list[str]) -> int:
     print(f"{torch.cuda.device_count()} GPUs: " + ", ".join(torch.cuda.get_device_name(i)
                                                             for i in range(torch.cuda.device_count())))
     return 0
+
+
+@entry_point("repro-preflight")
+def preflight_main(argv: list[str]) -> int:
+    """0 when every check that ran passed, 1 naming the first failure (2: the settings were wrong)."""
+    return preflight(settings("repro-preflight", "preflight", argv), " ".join(["repro-preflight", *argv]))

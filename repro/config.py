@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
+from hydra import compose, initialize, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from repro import data as data_lib
 from repro import model as model_lib
 from repro import optim as optim_lib
 from repro import speed as speed_lib
+from repro.errors import RunError
 
 # The Hydra configs live beside the package in the source tree (an editable install keeps them there).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -227,8 +231,27 @@ class AblationReportConfig:
     sweep: str = MISSING
 
 
+@dataclass
+class PreflightConfig:
+    """A new box's first check (repro/preflight.py): devices (null: two GPUs, one, or cpu,cpu); batch, steps and
+    repeats of the speed checks (null: 128, 5, 5 on GPUs; 2, 1, 2 on the CPU); store: a prepared store whose read
+    rate bounds the projection, read with `workers` processes; compile: also time speed.compile; checks: a subset
+    (null: all); out: the folder for preflight.json (null: runs/preflight/<time>)."""
+
+    devices: Optional[List[str]] = None
+    batch: Optional[int] = None
+    steps: Optional[int] = None
+    repeats: Optional[int] = None
+    store: Optional[str] = None
+    workers: int = 2
+    compile: bool = False
+    checks: Optional[List[str]] = None
+    out: Optional[str] = None
+
+
 TOOL_CONFIGS = {"prepare": PrepareConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
-                "figures": FiguresConfig, "figure1": Figure1Config, "ablation_report": AblationReportConfig}
+                "figures": FiguresConfig, "figure1": Figure1Config, "ablation_report": AblationReportConfig,
+                "preflight": PreflightConfig}
 
 
 def register_configs() -> None:
@@ -243,6 +266,21 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def composed(config_name: str, overrides: Sequence[str], conf: bool = True) -> DictConfig:
+    """The config `config_name` with key=value `overrides`, as the commands compose it: from conf/ (`conf`) or
+    from the schemas alone (the commands other than training's, whose keys must not be read as conf/'s groups).
+    Its problems (a typo, a wrong type, an argument that is not key=value) as RunError."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RunError(f"{bad[0]!r}: settings are key=value (e.g. devices=[cpu,cpu]); --help lists them")
+    try:
+        with (initialize_config_dir(config_dir=CONF_DIR, version_base="1.3") if conf else
+              initialize(config_path=None, version_base="1.3")):
+            return compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise RunError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
 
 
 def plain(node: Any) -> dict:

@@ -3,10 +3,9 @@
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from repro.config import CONF_DIR
+from repro.config import composed
 
 BIN = Path(sys.executable).parent  # the virtualenv's console scripts
 
@@ -18,8 +17,7 @@ def command(name: str, *args) -> list[str]:
 
 def train_config(*overrides: str) -> DictConfig:
     """conf/train.yaml with `overrides`, as `repro-train` composes it."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return composed("train", overrides)
 
 
 def tiny_cfg(store, run_dir, *overrides: str) -> DictConfig:

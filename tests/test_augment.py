@@ -8,8 +8,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from repro import speed
 from repro.config import SpeedConfig
 from repro.data import Augment, step_rng
+from repro.measure import CrossDeviceCopies
 from repro.model import AlexNet
-from test_model import CrossDeviceCopies
 
 EIGVALS = np.array([5000.0, 300.0, 40.0])
 EIGVECS = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]

@@ -1,10 +1,10 @@
 """The model config group: presets compose, typos and wrong types fail at compose time, the builder obeys."""
 
 import pytest
-from hydra.errors import ConfigCompositionException
 
 from helpers import train_config as compose_train
 from repro.config import build_model, model_kwargs
+from repro.errors import RunError
 from repro.model import PRESETS
 
 
@@ -33,7 +33,7 @@ def test_overrides_reach_the_model():
     ("model.conv1_padding=pad227", "pad227"),
 ])
 def test_bad_values_fail_when_composed(override, message):
-    with pytest.raises(ConfigCompositionException) as err:
+    with pytest.raises(RunError) as err:
         compose_train(override)
     assert message in str(err.value) + str(err.value.__cause__)
 

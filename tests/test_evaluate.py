@@ -5,8 +5,8 @@ import torch
 from repro.config import build_model
 from repro.data import Augment
 from repro.evaluate import evaluate
+from repro.measure import HostSyncs
 from repro.store import PreparedStore
-from test_model import HostSyncs
 
 
 def test_a_ten_patch_batch_holds_the_configured_images_and_the_counts_stay_on_the_device(demo_store):

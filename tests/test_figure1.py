@@ -12,6 +12,7 @@ from torch import nn
 
 from repro.cli import figure1_main
 from repro.errors import RunError
+from repro.measure import HostSyncs
 from repro.reports import figure1
 from repro.reports.figure1 import (FIGURE_PNG, RESULTS_JSON, choose, epochs_to_threshold, four_layer_net,
                                    input_transform, load_images, summarise)
@@ -129,8 +130,6 @@ def test_ratio_and_its_lower_bound():
 
 
 def test_an_epoch_reads_the_device_once_whatever_its_steps(tmp_path):
-    from test_model import HostSyncs
-
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(64) % 3
     syncs = []

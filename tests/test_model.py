@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grouped_reference import grouped_forward, lrn_by_formula, spatial_norm_by_formula
+from repro.measure import CrossDeviceCopies
 from repro.model import (PRESETS, AlexNet, LocalResponseNorm, SpatialResponseNorm, load_grouped_state_dict,
                          resolve_options, to_grouped_state_dict)
 
@@ -103,39 +104,6 @@ def test_activation_shapes(overrides, expected):
     # conv and pool hooks fire in execution order: conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5
     assert [shape for _, shape in recorded] == expected
     assert logits.shape == (1, 1000)
-
-
-class CrossDeviceCopies(TorchDispatchMode):
-    """Records (source device, destination device, shape) for every copy that changes device."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default:
-            src, dst = args[0], out
-        elif func is torch.ops.aten.copy_.default:
-            src, dst = args[1], args[0]
-        else:
-            return out
-        if src.device != dst.device:
-            self.copies.append((str(src.device), str(dst.device), tuple(src.shape)))
-        return out
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts the reads of a tensor's value by the host (`.item()`, `int(t)`, `bool(t)`, ...): on a GPU each one
-    waits for the GPU to finish all the work queued before it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

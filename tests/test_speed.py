@@ -9,16 +9,16 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.errors import ConfigCompositionException
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from helpers import tiny_cfg
 from repro import speed
 from repro.config import SpeedConfig
 from repro.errors import RunError
+from repro.measure import CrossDeviceCopies
 from repro.model import AlexNet
 from repro.optim import PaperSGD, param_groups
-from test_model import CrossDeviceCopies, images
+from test_model import images
 
 # Largest |difference| allowed, as a fraction of the largest |logit|. float32 options only reorder sums (measured
 # ~5e-7); bf16 keeps 8 significant bits (relative rounding 2^-9 per operation, through 8 layers) and fp16 11.
@@ -244,7 +244,7 @@ def test_speed_options_in_a_training_run(demo_store, tmp_path):
 
 
 def test_a_typo_fails_when_the_config_is_composed(demo_store, tmp_path):
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(RunError, match="speed.autocast"):
         tiny_cfg(demo_store, tmp_path, "speed.autocast=fp8")
 
 

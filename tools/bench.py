@@ -22,21 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 
 import bench_data
 from repro import speed
 from repro.config import SpeedConfig
 from repro.data import Augment, batches, step_rng
-from repro.model import AlexNet
-from repro.optim import PaperSGD, param_groups
+from repro.measure import (EPOCHS, IMAGENET_TRAIN, TrainingStep, build, copy_work, distinct, exchange_copies,
+                           gpu_peak_memory, mirrored, seconds_per_call, sync, tower_alone, training_flops_per_image)
 from repro.prepare import prepare
 from repro.store import PreparedStore
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGENET_TRAIN, EPOCHS = 1_281_167, 90  # ILSVRC-2012 training images; the paper's ~90 epochs (§5)
 # Dense tensor peaks per GPU, no sparsity, from the vendors' data sheets (the same figures as
 # ../shared/reference/performance.md): (bf16 with fp32 accumulation, fp32 without tensor cores), TFLOP/s.
 GPU_PEAKS = {
@@ -55,75 +51,17 @@ TRAIN_CONFIGS = {
 }
 
 
-def build(options: SpeedConfig | None, device: str) -> torch.nn.Module:
-    if options is None:
-        return torchvision.models.alexnet(weights=None).to(device)
-    return speed.apply(AlexNet(devices=(device, device)), options)
-
-
-class Trainer:
-    """One network's training step on a fixed random batch: forward, mean cross-entropy, backward, PaperSGD."""
-
-    def __init__(self, options: SpeedConfig | None, batch: int, device: str):
-        torch.manual_seed(0)
-        self.model = build(options, device).train()
-        self.optimizer = PaperSGD(param_groups(self.model, 5e-4, True), lr=1e-4)
-        self.scaler = speed.grad_scaler(options or SpeedConfig(), device)
-        self.x = torch.randn(batch, 3, 224, 224, device=device) * 60
-        self.labels = torch.randint(0, 1000, (batch,), device=device)
-        self.device = torch.device(device)
-
-    def step(self) -> None:
-        loss = F.cross_entropy(self.model(self.x), self.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def seconds(self, steps: int) -> float:
-        sync(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        sync(self.device)
-        return (time.perf_counter() - start) / steps
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def training_flops_per_image(options: SpeedConfig | None, lrn: bool = False) -> float:
-    """Forward + backward FLOPs of one image, counted by FlopCounterMode at batch 2: convolutions and matrix
-    products. The two-tower count leaves out the LRN's window sums (a 1x1 convolution here, not a layer of the
-    model) unless `lrn`, so that both networks are credited with their layers' FLOPs only. It is counted on the
-    tower path: torch 2.14's counter credits a groups=2 convolution's backward with twice its FLOPs."""
-    model = build(options, "cpu") if options is None else AlexNet(lrn=lrn)
-    x = torch.randn(2, 3, 224, 224)
-    with FlopCounterMode(display=False) as counter:
-        model(x).sum().backward()
-    return counter.get_total_flops() / 2
-
-
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: str) -> float:
     """Best FLOP/s of an n x n matrix product over `repeats` timed runs."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync(torch.device(device))
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(torch.device(device))
-        best = min(best, (time.perf_counter() - start) / 4)
+    best = min(seconds_per_call(lambda: a @ b, [device], 4) for _ in range(repeats))
     return 2 * n**3 / best
 
 
 def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
     """Images/s of the 10-patch evaluation (§4.1: 10 views each, softmaxes averaged), default speed options."""
-    model = build(SpeedConfig(), device).eval()
+    model = build(SpeedConfig(), (device, device)).eval()
     rng = np.random.default_rng(0)
     augment = Augment(rng.uniform(0, 255, (256, 256, 3)), np.ones(3), np.eye(3), devices=model.devices)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
@@ -131,7 +69,7 @@ def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
     def once():
         with torch.no_grad():
             model(augment.test_views(images, ten_crop=True)).softmax(-1).view(batch, 10, -1).mean(1)
-        sync(torch.device(device))
+        sync(model.devices)
 
     once()
     times = []
@@ -142,20 +80,24 @@ def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
     return batch / statistics.median(times)
 
 
-def memory_probe(kind: str, batch: int, device: str) -> dict:
+def memory_probe(kind: str, batch: int, devices: list[str]) -> dict:
     """Peak memory of one training step at `batch` (run in a fresh process by `peak_memory`). CPU: the growth of
     the process's peak resident set from a batch-1 step (weights, gradients, velocities already there) to a
-    batch-`batch` step, i.e. what the batch adds. CUDA: torch.cuda.max_memory_allocated per device."""
+    batch-`batch` step, i.e. what the batch adds. GPUs: torch.cuda.max_memory_allocated on each GPU of the model
+    (the two-tower network on `devices`, torchvision's on the first), its peak reset on each."""
     options = None if kind == "torchvision" else SpeedConfig()
-    trainer = Trainer(options, 1, device)
+    model_devices = devices if options is not None else devices[:1] * 2
+    trainer = TrainingStep(build(options, model_devices), options, 1)
     trainer.step()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        trainer = Trainer(options, batch, device)
-        trainer.step()
-        total = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
-        return {"peak_bytes_per_step": total, "what": "torch.cuda.max_memory_allocated, summed over GPUs"}
-    trainer.x = torch.randn(batch, 3, 224, 224) * 60
+    if torch.device(devices[0]).type == "cuda":
+        del trainer
+        trainer = TrainingStep(build(options, model_devices), options, batch)
+        per_gpu = gpu_peak_memory(trainer.step, trainer.devices)
+        return {"peak_bytes_per_step": sum(per_gpu.values()), "peak_bytes_per_gpu": per_gpu,
+                "what": "torch.cuda.max_memory_allocated on each GPU of the model (weights, velocities, activations, "
+                        "gradients and workspace), summed over them"}
+    images = torch.randn(batch, 3, 224, 224) * 60
+    trainer.inputs = [images, images] if options is not None else images  # both towers read one CPU batch
     trainer.labels = torch.randint(0, 1000, (batch,))
     Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak (VmHWM) from the current size
     before = resident_bytes("VmRSS")
@@ -173,51 +115,34 @@ def resident_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_memory(kind: str, batch: int, device: str) -> dict:
+def peak_memory(kind: str, batch: int, devices: list[str]) -> dict:
     result = subprocess.run([sys.executable, __file__, "--memory-probe", kind, "--batch", str(batch),
-                             "--device", device], capture_output=True, text=True, check=True,
+                             "--devices", ",".join(devices)], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def gpu_devices() -> tuple[str, str]:
+    """The towers' GPUs: two when there are two, else both towers on the one."""
+    return ("cuda:0", "cuda:1") if torch.cuda.device_count() >= 2 else ("cuda:0", "cuda:0")
+
+
 def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
-    """Per-tower step, cross-device copies, synthetic vs real input, images/s per GPU (needs CUDA)."""
-    gpus = torch.cuda.device_count()
-    devices = ("cuda:0", "cuda:1") if gpus >= 2 else ("cuda:0", "cuda:0")
+    """Per-tower step, cross-device copies, synthetic vs real input, images/s per GPU (needs CUDA). Every time is
+    taken from idle devices to idle devices, all of the model's GPUs."""
+    devices = gpu_devices()
     torch.backends.cudnn.benchmark = True
-    model = speed.apply(AlexNet(devices=devices), SpeedConfig()).train()
-    events = lambda: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # noqa: E731
 
-    def timed_ms(device, work) -> float:
-        work()
-        times = []
-        for _ in range(repeats):
-            start, end = events()
-            with torch.cuda.device(device):
-                start.record()
-                work()
-                end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    def median_ms(work, on) -> float:
+        work()  # warm-up (and cuDNN's autotuning)
+        return 1e3 * statistics.median(seconds_per_call(work, on, steps) for _ in range(repeats))
 
-    per_tower = {}
-    for t, (tower, device) in enumerate(zip(model.towers, model.devices)):
-        x = torch.randn(batch, 3, 224, 224, device=device) * 60
-
-        def tower_step(tower=tower, x=x):
-            pool2 = tower.stem(x)
-            pool5 = tower.trunk(torch.cat([pool2, pool2], 1))  # the other tower's half: same shape
-            fc6 = tower.head6(torch.cat([pool5, pool5], 1))
-            tower.head7(torch.cat([fc6, fc6], 1)).sum().backward()
-
-        per_tower[f"tower {t} on {device}"] = timed_ms(device, tower_step)
-    shapes = [(batch, 128, 13, 13), (batch, 4608), (batch, 2048), (batch, 2048)]  # conv3, fc6, fc7, fc8 inputs
-    parts = [torch.randn(s, device=devices[1]) for s in shapes]
-    copies_ms = 2 * timed_ms(devices[0], lambda: [p.to(devices[0]) for p in parts])  # both ways (~2 per step)
-    trainer = Trainer(SpeedConfig(), batch, devices[0])
-    trainer.model = model
-    trainer.optimizer = PaperSGD(param_groups(model, 5e-4, True), lr=1e-4)
+    trainer = TrainingStep(build(SpeedConfig(), devices), SpeedConfig(), batch)
+    model = trainer.model
+    per_tower = {f"tower {t} on {device}": median_ms(tower_alone(tower, x), [device])
+                 for t, (tower, device, x) in enumerate(zip(model.towers, model.devices, trainer.inputs))}
+    copies = exchange_copies(batch, devices) if devices[0] != devices[1] else []
+    copies_ms = median_ms(copy_work(copies + mirrored(copies)), devices) if copies else 0.0
     trainer.step()
     synthetic_s = statistics.median(trainer.seconds(steps) for _ in range(repeats))
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,22 +157,22 @@ def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
         loader = speed.prefetch(batches(split, batch, workers=2, pin_memory=True), model.devices)
         first = True
         for step, (images, labels) in enumerate(loader):
-            trainer.x, trainer.labels = augment.train(images, step_rng(0, 0, step)), labels
+            trainer.inputs, trainer.labels = augment.train(images, step_rng(0, 0, step)), labels
             if first:
                 trainer.step()
-                sync(torch.device(devices[0]))
+                sync(model.devices)
                 start, first = time.perf_counter(), False
                 continue
             trainer.step()
-        sync(torch.device(devices[0]))
+        sync(model.devices)
         loader_s = (time.perf_counter() - start) / step
     rate = batch / synthetic_s
-    return {"devices": list(devices), "gpu_names": [torch.cuda.get_device_name(d) for d in sorted(set(devices))],
+    return {"devices": list(devices), "gpu_names": [torch.cuda.get_device_name(d) for d in distinct(devices)],
             "batch": batch, "tower_step_ms": per_tower, "cross_device_copies_ms_per_step": copies_ms,
             "step_ms_synthetic": 1e3 * synthetic_s, "step_ms_real_loader": 1e3 * loader_s,
-            "loader_headroom": loader_s / synthetic_s, "images_per_s_per_gpu": rate / len(set(devices)),
-            "note": "median of interleaved repeats; loader: the prepared store (bench_data's images), 2 workers, "
-                    "pinned memory, prefetch, augmentation on the GPU"}
+            "loader_headroom": loader_s / synthetic_s, "images_per_s_per_gpu": rate / len(distinct(devices)),
+            "note": "median of interleaved repeats, every GPU of the model synchronised; loader: the prepared store "
+                    "(bench_data's images), 2 workers, pinned memory, prefetch, augmentation on the GPU"}
 
 
 def estimates(flops_per_image: float) -> dict:
@@ -267,6 +192,7 @@ def estimates(flops_per_image: float) -> dict:
 
 def measure(args) -> dict:
     device = "cpu"
+    memory_devices = list(gpu_devices()) if torch.cuda.is_available() else [device, device]
     load_before = os.getloadavg()
     flops = {"two-tower": training_flops_per_image(SpeedConfig()), "torchvision": training_flops_per_image(None),
              "two-tower, LRN window sums included": training_flops_per_image(SpeedConfig(), lrn=True)}
@@ -275,7 +201,8 @@ def measure(args) -> dict:
     peaks["bf16"] = matmul_peak(torch.bfloat16, n, args.repeats + 2, device)
     quick_skips = ("channels_last", "bf16", "compile")  # a smoke run times the default, grouped and torchvision nets
     configs = {k: v for k, v in TRAIN_CONFIGS.items() if not (args.quick and any(w in k for w in quick_skips))}
-    trainers = {label: Trainer(options, args.batch, device) for label, options in configs.items()}
+    trainers = {label: TrainingStep(build(options, (device, device)), options, args.batch)
+                for label, options in configs.items()}
     for trainer in trainers.values():
         trainer.step()  # warm-up (and compilation)
     times = {label: [] for label in trainers}
@@ -304,7 +231,7 @@ def measure(args) -> dict:
         "training": training,
         "per_flop_vs_torchvision": default / torchvision_flops, "grouped_per_flop_vs_torchvision": grouped / torchvision_flops,
         "ten_patch_images_per_s": ten_patch_rate(eval_batch, args.repeats, device), "ten_patch_batch": eval_batch,
-        "memory": {kind: peak_memory(kind, args.batch, device) for kind in ("two-tower", "torchvision")},
+        "memory": {kind: peak_memory(kind, args.batch, memory_devices) for kind in ("two-tower", "torchvision")},
         "gpu": gpu_sections(args.batch, args.steps, args.repeats) if torch.cuda.is_available() else
         {"skipped": "no CUDA device on this machine: the per-tower step, cross-device copies, synthetic vs real "
                     "input and images/s per GPU are measured only on GPUs"},
@@ -339,9 +266,11 @@ def render_compute(c: dict) -> list[str]:
               f"10-patch evaluation (measured, batch {c['ten_patch_batch']}, 10 views each): "
               f"{c['ten_patch_images_per_s']:.1f} images/s.", ""]
     for kind, mem in c["memory"].items():
+        per_gpu = ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in mem.get("peak_bytes_per_gpu", {}).items())
         lines.append(f"Peak memory of a batch-{c['batch']} training step, {kind} (measured: {mem['what']}): "
                      f"{mem['peak_bytes_per_step'] / 2**20:.0f} MiB"
-                     + (f" above {mem['resting_bytes'] / 2**20:.0f} MiB at rest." if "resting_bytes" in mem else "."))
+                     + (f" above {mem['resting_bytes'] / 2**20:.0f} MiB at rest." if "resting_bytes" in mem else
+                        f" ({per_gpu})."))
     lines += ["", "### On GPUs", ""]
     gpu = c["gpu"]
     if "skipped" in gpu:
@@ -351,7 +280,7 @@ def render_compute(c: dict) -> list[str]:
                   "| measurement | value |", "|---|---|"]
         lines += [f"| training step of {name} (forward + backward) | {ms:.2f} ms |"
                   for name, ms in gpu["tower_step_ms"].items()]
-        lines += [f"| cross-device copies per step (conv3, fc6, fc7, fc8 inputs, both ways) | "
+        lines += [f"| cross-device copies of a step (conv3, fc6, fc7, fc8 inputs and their gradients: 14) | "
                   f"{gpu['cross_device_copies_ms_per_step']:.2f} ms |",
                   f"| step, synthetic data on the GPU | {gpu['step_ms_synthetic']:.2f} ms |",
                   f"| step, real loader | {gpu['step_ms_real_loader']:.2f} ms ({gpu['loader_headroom']:.2f}x) |",
@@ -413,10 +342,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny matrices, three networks")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.{json,md} go")
     parser.add_argument("--memory-probe", choices=("two-tower", "torchvision"), help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--devices", default="cpu,cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.batch, args.device)))
+        print(json.dumps(memory_probe(args.memory_probe, args.batch, args.devices.split(","))))
         return 0
     print(save("compute", measure(args), args.out))
     return 0

@@ -1,0 +1,194 @@
+"""`make preflight` (repro/preflight.py) and the measurements it shares with `make bench` (repro/measure.py): the
+whole preflight without GPUs, failures and bad arguments, the exchange check on fake GPUs, and timers and memory
+probes that cover every device of the model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from repro import measure, preflight
+from repro.cli import preflight_main
+from repro.config import SpeedConfig
+from repro.measure import CrossDeviceCopies, TrainingStep, exchange_copies, gpu_peak_memory, mirrored, sync
+from repro.model import AlexNet, Dropout
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+GPU_CHECKS = ("numerics-towers", "placement-exchange", "speed-memory", "speed-overlap", "speed-exchange")
+
+
+def run_main(capsys, *argv) -> tuple[int, list[str], str]:
+    code = preflight_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.strip().splitlines(), err
+
+
+def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys):
+    code, lines, _ = run_main(capsys, f"out={tmp_path}", "batch=1", "repeats=1")
+    assert code == 0, "\n".join(lines)
+    statuses = dict(line.split(":", 1)[0].split(" ")[::-1] for line in lines[:-1])
+    assert list(statuses) == list(preflight.CHECKS)  # one line per check, in order
+    expected_skips = {*GPU_CHECKS, "speed-store"}  # no GPUs here, and no store given
+    assert {name for name, status in statuses.items() if status == "SKIP"} == expected_skips
+    assert {name for name, status in statuses.items() if status == "PASS"} == set(preflight.CHECKS) - expected_skips
+    assert lines[-1].startswith("preflight: every check that ran passed (9 passed, 0 failed, 6 skipped")
+    record = json.loads((tmp_path / "preflight.json").read_text())
+    assert record["passed"] and record["first_failure"] is None and record["devices"] == ["cpu", "cpu"]
+    assert set(record["skipped"]) == expected_skips
+    assert all("GPU" in record["skipped"][name] for name in GPU_CHECKS)  # each says why
+    checks = {c["name"]: c for c in record["checks"]}
+    assert [c["name"] for c in record["checks"]] == list(preflight.CHECKS)
+    assert max(checks["numerics-grouped"]["details"]["errors"]["gradients"].values()) < preflight.GRADIENT_TOLERANCE
+    assert min(checks["numerics-autocast"]["details"]["cosines"]["fp16"].values()) > preflight.COSINE_FLOORS["fp16"]
+    assert checks["randomness-resume"]["details"]["different"] == []
+    assert checks["randomness-dropout"]["details"]["repeat"] is True
+    assert set(checks["speed-host-syncs"]["details"]["syncs"]) == {"float32", "channels_last", "bf16", "fp16",
+                                                                  "grouped"}
+    assert checks["speed-step"]["details"]["options"]["float32"]["images_per_s"] > 0
+    assert checks["speed-projection"]["details"]["projections"]["float32"]["run_s"] > 0
+
+
+def test_a_failing_check_makes_the_preflight_fail_naming_it_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(preflight, "TORCH_FLOOR", "99.0")
+    monkeypatch.setattr(preflight, "Augment", None)  # placement-input cannot run: a check that raises has failed
+    code, lines, _ = run_main(capsys, "checks=[speed-store,inventory,placement-input]", f"out={tmp_path}")
+    assert code == 1
+    assert lines[0].startswith("SKIP speed-store: no prepared store given")
+    assert lines[1].startswith(f"FAIL inventory: torch {torch.__version__} is older than 99.0")
+    assert lines[2].startswith("FAIL placement-input: TypeError:")
+    assert lines[-1].startswith("preflight: FAIL: inventory failed first (0 passed, 2 failed, 1 skipped)")
+    record = json.loads((tmp_path / "preflight.json").read_text())
+    assert not record["passed"] and record["first_failure"] == "inventory"
+    assert "Traceback" in record["checks"][2]["details"]["traceback"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["batch=0"], "batch=0"),
+    (["checks=[inventory,speed]"], "checks=['speed']"),
+    (["devices=[cpu]"], "devices"),
+    (["devices=[cuda:0,cuda:1]"], "cuda:0"),
+    (["store={tmp}"], "is not a complete prepared store"),
+    (["frobnicate=1"], "frobnicate"),
+    (["--batch"], "key=value"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert preflight_main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("repro-preflight: error: ") and message in err
+
+
+def test_dropout_check_fails_when_the_towers_draw_the_same_masks(monkeypatch):
+    drop = Dropout.forward
+
+    def reseeded(self, x):  # every dropout layer starts from the same generator state: both towers drop alike
+        torch.manual_seed(7)
+        return drop(self, x)
+
+    box = preflight.Box(["cpu", "cpu"], 2, 1, 1, None, 0, False, Path("."))
+    assert preflight.check_randomness_dropout(box).status == "PASS"
+    monkeypatch.setattr(Dropout, "forward", reseeded)
+    result = preflight.check_randomness_dropout(box)
+    assert result.status == "FAIL" and result.details["tower_agreement"] == [1.0, 1.0]
+
+
+def test_numerics_comparison_catches_a_tf32_sized_error():
+    generator = torch.Generator().manual_seed(0)
+    reference = {"logits": torch.randn(2, 10, generator=generator), "loss": torch.tensor(2.3),
+                 "grads": {"a.conv1.weight": torch.randn(5, generator=generator), "fc8.bias": torch.ones(3)}}
+    same = {**reference, "grads": dict(reference["grads"])}
+    assert preflight.against_reference(same, reference)[0]
+    off = {**same, "grads": {**same["grads"], "a.conv1.weight": reference["grads"]["a.conv1.weight"] * 1.01}}
+    ok, text, errors = preflight.against_reference(off, reference)
+    assert not ok and "a.conv1.weight" in text
+    assert errors["gradients"]["a.conv1.weight"] == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize("one_tensor", [False, True], ids=["per-tower inputs", "one image tensor"])
+def test_the_expected_exchange_is_the_forward_pass_on_two_fake_gpus(one_tensor):
+    devices = ("cuda:0", "cuda:1")
+    with FakeTensorMode():
+        model = AlexNet(devices=devices).train()
+        inputs = [torch.empty(2, 3, 224, 224, device=d) for d in devices]
+        with CrossDeviceCopies() as recorder:
+            model(inputs[0] if one_tensor else inputs)
+    image_copy = [("cuda:0", "cuda:1", (2, 3, 224, 224))] if one_tensor else []
+    assert sorted(recorder.copies) == sorted(exchange_copies(2, devices) + image_copy)
+
+
+def fake_two_device_step(one_tensor: bool):
+    # The autograd engine asks CUDA about its devices when a backward pass touches (fake) CUDA tensors, so the whole
+    # check (forward and backward) runs on two fake devices that need no driver: the CPU and `meta`.
+    devices = ("cpu", "meta")
+    with FakeTensorMode():
+        model = AlexNet(devices=devices).train()
+        inputs = [torch.empty(2, 3, 224, 224, device=d) for d in devices]
+        return preflight.exchange_placement(model, inputs[0] if one_tensor else inputs,
+                                            torch.zeros(2, dtype=torch.long))
+
+
+def test_exchange_check_passes_on_exactly_the_exchange_forward_and_back():
+    result = fake_two_device_step(one_tensor=False)
+    assert result.status == "PASS" and result.summary.startswith("7 copies forward")
+    expected = exchange_copies(2, ("cpu", "meta"))
+    assert sorted(result.details["forward"]) == sorted(expected)
+    assert sorted(result.details["backward"]) == sorted(mirrored(expected))
+
+
+def test_exchange_check_fails_on_an_extra_copy_and_names_it():
+    result = fake_two_device_step(one_tensor=True)  # the float image crosses to tower 1 (defect 7)
+    assert result.status == "FAIL"
+    assert result.summary == "forward: unexpected [('cpu', 'meta', (2, 3, 224, 224))]"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's synchronize and memory counters replaced by recorders (nothing initialises CUDA)."""
+    calls = {"synchronize": [], "reset": []}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls["synchronize"].append(str(device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: calls["reset"].append(str(device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: {"cuda:0": 5, "cuda:1": 7}[str(device)])
+    return calls
+
+
+def test_the_training_step_timer_waits_for_every_device_of_the_model(fake_cuda):
+    with FakeTensorMode():
+        step = TrainingStep(AlexNet(devices=("cuda:0", "cuda:1")), SpeedConfig(), 2)
+    assert [str(x.device) for x in step.inputs] == ["cuda:0", "cuda:1"]  # each tower's batch already on its GPU
+    step.step = lambda: None  # a backward pass of fake CUDA tensors needs a driver; the timer is under test
+    step.seconds(3)
+    assert fake_cuda["synchronize"] == ["cuda:0", "cuda:1"] * 2  # before and after: both GPUs, each once
+    sync(["cpu", "cuda:1", "cuda:1"])
+    assert fake_cuda["synchronize"][-1:] == ["cuda:1"]
+
+
+def test_peak_memory_is_reset_and_read_on_every_gpu(fake_cuda):
+    ran = []
+    assert gpu_peak_memory(lambda: ran.append(1), ["cuda:0", "cuda:1", "cuda:1"]) == {"cuda:0": 5, "cuda:1": 7}
+    assert ran == [1] and fake_cuda["reset"] == ["cuda:0", "cuda:1"]
+    assert fake_cuda["synchronize"] == ["cuda:0", "cuda:1"] * 2
+    assert gpu_peak_memory(lambda: None, ["cpu", "cpu"]) == {}
+
+
+def test_bench_uses_the_shared_measurements(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import bench
+
+    for name in ("TrainingStep", "build", "sync", "seconds_per_call", "gpu_peak_memory", "training_flops_per_image",
+                 "tower_alone", "exchange_copies", "IMAGENET_TRAIN"):
+        assert getattr(bench, name) is getattr(measure, name), name
+
+
+def test_the_stores_read_rate_is_set_against_the_step_and_bounds_the_projection(demo_store):
+    box = preflight.Box(["cpu", "cpu"], 4, 1, 1, demo_store, 0, False, Path("."))
+    box.cache["timings"] = {"float32": {"images_per_s": 1e6}, "bf16": {"images_per_s": 2e6}}  # faster than any disk
+    result = preflight.check_speed_store(box)
+    rate = result.details["images_per_s"]
+    assert result.status == "PASS" and 0 < rate < 1e6
+    assert "the float32 step consumes 1,000,000" in result.summary and "input-bound" in result.summary
+    projection = preflight.check_speed_projection(box)
+    assert projection.details["projections"]["bf16"]["images_per_s"] == rate  # the store is the bound
+    assert projection.details["projections"]["bf16"]["run_s"] == pytest.approx(90 * 1_281_167 / rate)
+    assert "read-bound" in projection.summary
