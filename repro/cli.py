@@ -120,10 +120,19 @@ def eval_main() -> None:
     run()
 
 
+def usage(argv: list[str], text: str) -> None:
+    """`--help` of a command without settings of its own: print `text` and exit."""
+    if {"-h", "--help"} & set(argv):
+        print(text)
+        sys.exit(0)
+
+
 @entry_point("repro-resume")
 def resume_main(argv: list[str]) -> int:
     """`repro-resume run_dir=RUN [key=value ...]`: continue a run from its last checkpoint, with the run's own
     command-line settings (.hydra/overrides.yaml) and any new ones (e.g. data.workers=8)."""
+    usage(argv, f"usage: repro-resume run_dir=RUN [key=value ...]\n\n{' '.join(resume_main.__doc__.split())}\n"
+                "The settings are repro-train's (repro-train --help).")
     run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
     if not run_dirs:
         raise RunError("give run_dir=<the run folder to continue> (and any settings to change, key=value)")
@@ -157,8 +166,8 @@ def prepare_main(argv: list[str]) -> int:
 @entry_point("repro-demo-data")
 def demo_data_main(argv: list[str]) -> int:
     cfg = settings("repro-demo-data", "demo_data", argv)
-    info = make_demo_data(cfg.raw, cfg.classes, cfg.train_per_class, cfg.val_per_class, cfg.seed)
-    print(f"{cfg.raw}: demo ILSVRC-2012 with {cfg.classes} classes, {len(info['wnids']) * cfg.train_per_class} "
+    info = make_demo_data(cfg.raw, cfg.num_classes, cfg.train_per_class, cfg.val_per_class, cfg.seed)
+    print(f"{cfg.raw}: demo ILSVRC-2012 with {cfg.num_classes} classes, {len(info['wnids']) * cfg.train_per_class} "
           f"train and {len(info['val_labels'])} validation images, seed {cfg.seed}")
     return 0
 
@@ -189,8 +198,10 @@ def figure1_main(argv: list[str]) -> int:
     for activation, chosen in results["chosen"].items():
         print(f"{activation}: lr {chosen['lr']:g}, epochs to {THRESHOLD:.0%}: {chosen['epochs_to_threshold']}, "
               f"last training error {chosen['final_error']:.4f}")
-    print(f"ratio {results['ratio']}" if results["ratio_more_than"] is None
-          else f"ratio > {results['ratio_more_than']} (tanh did not reach {THRESHOLD:.0%})")
+    if results["ratio"] is not None:
+        print(f"tanh needs {results['ratio']}x ReLU's epochs to reach {THRESHOLD:.0%}")
+    elif results["ratio_more_than"] is not None:
+        print(f"tanh needs more than {results['ratio_more_than']}x ReLU's epochs (it did not reach {THRESHOLD:.0%})")
     print(f"wrote {Path(cfg.out) / RESULTS_JSON} and {Path(cfg.out) / FIGURE_PNG}")
     return 0
 
@@ -205,9 +216,12 @@ def ablation_report_main(argv: list[str]) -> int:
 
 @entry_point("repro-gpus")
 def two_gpus_main(argv: list[str]) -> int:
-    """Exit non-zero, saying why, when the paper's two GPUs are not there (`make train-imagenet` asks before it
-    prepares the data for hours)."""
-    resolve_devices(None, require_two_gpus=True)
+    """`repro-gpus`: the GPUs here, or exit status 2 saying why when the paper's two are not there (`make
+    train-imagenet` asks before it prepares the data for hours)."""
+    usage(argv, f"usage: repro-gpus\n\n{' '.join(two_gpus_main.__doc__.split())}")
+    if torch.cuda.device_count() < 2:
+        raise RunError(f"the paper's setting needs two GPUs, and {torch.cuda.device_count()} are visible here; "
+                       "name the devices to train anyway (e.g. devices=[cuda:0,cuda:0] or devices=[cpu,cpu])")
     print(f"{torch.cuda.device_count()} GPUs: " + ", ".join(torch.cuda.get_device_name(i)
                                                             for i in range(torch.cuda.device_count())))
     return 0

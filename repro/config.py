@@ -104,7 +104,7 @@ class ScheduleConfig:
 
 @dataclass
 class SpeedConfig:
-    """One-box speed options (repro/speed.py; the README's "Speed" section says when each helps). The defaults keep
+    """One-box speed options (repro/speed.py; docs/speed.md says when each helps). The defaults keep
     the paper's float32 numerics (IEEE float32 on GPUs too) and its tower-by-tower layers; `grouped` and
     `cudnn_benchmark` change only the order of float32 sums."""
 
@@ -170,11 +170,11 @@ class PrepareConfig:
 
 @dataclass
 class DemoDataConfig:
-    """Write a small synthetic ILSVRC-2012 (its archives and devkit) into raw=<folder>: `classes` classes (2 to
+    """Write a small synthetic ILSVRC-2012 (its archives and devkit) into raw=<folder>: `num_classes` classes (2 to
     20), `train_per_class` and `val_per_class` images each, from `seed`."""
 
     raw: str = "data/demo/raw"
-    classes: int = 10
+    num_classes: int = 10
     train_per_class: int = 260
     val_per_class: int = 30
     seed: int = 0
@@ -280,7 +280,10 @@ def composed(config_name: str, overrides: Sequence[str], conf: bool = True) -> D
               initialize(config_path=None, version_base="1.3")):
             return compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        raise RunError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
+        reasons = [error, *([error.__cause__] if error.__cause__ else [])]  # Hydra puts OmegaConf's reason there
+        raise RunError("; ".join(line.strip() for reason in reasons for line in str(reason).splitlines()
+                                 if line.strip() and not line.strip().startswith(("full_key", "object_type",
+                                                                                  "reference_type")))) from None
 
 
 def plain(node: Any) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 
 # Every choice on which the paper text and the 2012 code differ (or where the text is silent), one named option
 # each. `paper` follows the text wherever it is explicit and the 2012 code where the text is silent;
-# `cuda_convnet` is the 2012 code (layers-145). The README's fidelity table lists the sources.
+# `cuda_convnet` is the 2012 code (layers-145). docs/fidelity.md lists the sources.
 PRESETS: dict[str, dict] = {
     "paper": dict(
         lrn=True,  # §3.3: response normalisation after conv1 and conv2

@@ -82,8 +82,9 @@ class Progress:
     def line(self, now: float, more: str = "") -> None:
         rate = (self.done - self.first) / max(now - self.start, 1e-9)
         left = f", {duration((self.total - self.done) / rate)} left" if rate > 0 else ""
+        pace = f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate > 0 else "starting"
         log.info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
-                 f"{rate:.1f} {self.unit}/s{left}{more}", extra=PROGRESS)
+                 f"{pace}{left}{more}", extra=PROGRESS)
 
     def iterate(self, iterable):
         """`iterable`'s items, counting each as one unit; closes at the end."""

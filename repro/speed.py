@@ -1,7 +1,7 @@
 """One-box speed options (`speed:` in the training config, `SpeedConfig`), applied to a built `AlexNet` in place.
 
 None of them changes the parameters, their names or the checkpoint format, so a checkpoint written with any
-options loads with any others. The README's "Speed" section has the measured effect of each and when it helps.
+options loads with any others. docs/speed.md has the measured effect of each and when it helps.
 
 - grouped: both towers on one device run as one grouped network (`AlexNet.forward_grouped`); the same function,
   float32 sums in another order. Null (auto) turns it on exactly when the two towers share a device.

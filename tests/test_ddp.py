@@ -20,7 +20,7 @@ from repro.store import PreparedStore
 from repro.train import train
 
 # Two steps of the global batch of 4 (2 processes x 2 images), a checkpoint after each. Dropout off: each rank
-# draws its own masks, so only without dropout do two processes compute exactly what one does (README).
+# draws its own masks, so only without dropout do two processes compute exactly what one does (docs/many-boxes.md).
 ARGS = ["experiment=tiny", "data.limit_train=8", "schedule.max_epochs=1", "checkpoint_every=1",
         "model.dropout=false"]
 

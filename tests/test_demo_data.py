@@ -75,8 +75,8 @@ def test_same_seed_same_bytes_and_rerun_does_nothing(tmp_path):
                                                                          ).read_bytes()
 
 
-@pytest.mark.parametrize("argument, message", [("classes=0", "num_classes .*from 2 to 20"),
-                                               ("classes=21", "num_classes .*from 2 to 20"),
+@pytest.mark.parametrize("argument, message", [("num_classes=0", "num_classes .*from 2 to 20"),
+                                               ("num_classes=21", "num_classes .*from 2 to 20"),
                                                ("train_per_class=-1", "train_per_class .*at least 3"),
                                                ("clases=3", "clases")])
 def test_bad_arguments_are_named(tmp_path, argument, message):

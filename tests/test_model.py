@@ -75,7 +75,7 @@ def test_parameter_count_two_towers():
 
 
 def test_parameter_count_one_tower():
-    # §3.2's one-GPU net: convs 48-128-192-192-256, fc 4096-4096-1000 (derivation in the README).
+    # §3.2's one-GPU net: convs 48-128-192-192-256, fc 4096-4096-1000 (derivation in docs/fidelity.md).
     assert num_params(AlexNet(towers=1)) == 59_798_312
 
 

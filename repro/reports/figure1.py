@@ -144,7 +144,7 @@ def train_curve(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ac
     mean = mean.to(device)
     images, labels = images.to(device), labels.to(device)
     record = {"activation": activation, "lr": lr, "train_error": [], "train_loss": [], "seconds": 0.0,
-              "stopped": "epochs"}
+              "stopped": "at the epoch limit"}
     if partial.is_file():
         state = load_checkpoint(partial)
         net.load_state_dict(state["net"])
