@@ -51,6 +51,7 @@ def _model_option_type(key: str, default) -> type:
 ModelConfig = make_dataclass("ModelConfig", [
     ("preset", Preset, field(default=Preset.paper)),
     ("num_classes", Optional[int], field(default=None)),  # null: the store's class count (1000 for ILSVRC-2012)
+    ("width", float, field(default=1.0)),  # not the paper's: every layer's width times this (tests, smoke runs)
     *((key, Optional[_model_option_type(key, default)], field(default=None))
       for key, default in model_lib.PRESETS["paper"].items())])
 ModelConfig.__doc__ = "The network: a preset and any of its options (repro/model.py); null keeps the preset's."

@@ -206,16 +206,19 @@ class AlexNet(nn.Module):
     `devices[0]`. `towers=1` is §3.2's one-GPU comparison net, on `devices[0]`.
 
     `preset` picks the fidelity preset (`paper` or `cuda_convnet`); keyword overrides change single options,
-    e.g. `AlexNet(lrn=False)` for the §3.3 ablation.
+    e.g. `AlexNet(lrn=False)` for the §3.3 ablation. `width` is not the paper's: every layer's width times it (at
+    least 1 unit), a narrower network of the same structure for tests and smoke runs.
     """
 
     def __init__(self, num_classes: int = 1000, devices: Sequence = ("cpu", "cpu"), preset: str = "paper",
-                 **overrides):
+                 width: float = 1.0, **overrides):
         super().__init__()
         self.options = resolve_options(preset, **overrides)
-        self.preset = preset
+        self.preset, self.width = preset, width
         if len(devices) != 2:
             raise ValueError(f"devices must name two devices (one per tower), got {list(devices)}")
+        if not width > 0:
+            raise ValueError(f"width={width}: must be positive (1 is the paper's network)")
         num_towers = self.options["towers"]
         self.devices = [torch.device(d) for d in devices][:num_towers]
         # §5's weights come from the CPU generator as it was before any layer existed, and it goes on from where
@@ -223,7 +226,7 @@ class AlexNet(nn.Module):
         # generator of the device each layer is built on, the CPU's in a CPU build and a GPU's in a GPU build, so
         # otherwise one seed would give other weights, and another generator state after them, on GPUs.
         init_generator = torch.Generator().set_state(torch.get_rng_state())
-        widths = TWO_TOWER_WIDTHS if num_towers == 2 else ONE_TOWER_WIDTHS
+        widths = [max(1, round(w * width)) for w in (TWO_TOWER_WIDTHS if num_towers == 2 else ONE_TOWER_WIDTHS)]
         self.towers = nn.ModuleList()
         for device in self.devices:
             with torch.device(device):  # built where it runs, never moved (works under FakeTensorMode too)

@@ -57,7 +57,7 @@ from repro.measure import (EPOCHS, IMAGENET_TRAIN, CrossDeviceCopies, HostSyncs,
                            tower_alone, training_flops_per_image)
 from repro.model import AlexNet
 from repro.prepare import prepare
-from repro.progress import ConsoleFilter, duration
+from repro.progress import ConsoleFilter, duration, number
 from repro.run import Run
 from repro.runtime import resolve_devices
 from repro.store import PreparedStore
@@ -699,11 +699,6 @@ def check_speed_projection(box: Box) -> Result:
     note = "" if store_rate else " (the step alone: give STORE= to bound it by the store's read rate)"
     return passed(f"on {where} at batch {box.batch}: " + "; ".join(parts) + note
                   + "; evaluation not included", projections=projections, images=IMAGENET_TRAIN, epochs=EPOCHS)
-
-
-def number(value: float) -> str:
-    """Three significant digits, thousands separated."""
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 CHECKS: dict[str, Callable[[Box], Result]] = {

@@ -41,6 +41,11 @@ def setup_logging() -> None:
     log.propagate = False  # Hydra's own console handler would print every line twice
 
 
+def number(value: float) -> str:
+    """Three significant digits, thousands separated."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def duration(seconds: float) -> str:
     """A time span the way people say it: seconds, minutes, hours or days."""
     if seconds < 120:
@@ -82,7 +87,8 @@ class Progress:
     def line(self, now: float, more: str = "") -> None:
         rate = (self.done - self.first) / max(now - self.start, 1e-9)
         left = f", {duration((self.total - self.done) / rate)} left" if rate > 0 else ""
-        pace = f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate > 0 else "starting"
+        pace = f"{number(rate)} {self.unit}/s" if rate >= 1 else f"{number(1 / rate)} s/{self.unit}" if rate > 0 \
+            else "starting"
         log.info(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%), "
                  f"{pace}{left}{more}", extra=PROGRESS)
 

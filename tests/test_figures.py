@@ -103,7 +103,7 @@ def test_fc7_is_the_last_hidden_layer(trained, demo_store):
     model.eval()
     images = torch.from_numpy(np.load(demo_store / "val" / "images.npy")[:3])
     logits, fc7 = logits_and_fc7(model, augment.test_views(images, ten_crop=False))
-    assert fc7.shape == (3, 4096) and (fc7 >= 0).all() and (fc7 > 0).any()  # after the ReLU
+    assert fc7.shape == (3, model.fc8.in_features) and (fc7 >= 0).all() and (fc7 > 0).any()  # after the ReLU
     # fc8 reads fc7 through the paper's dropout, x0.5 at test: the features are fc8's input
     torch.testing.assert_close(model.fc8(0.5 * fc7), logits)
     assert all(not tower.dropout7._forward_hooks for tower in model.towers)  # the hooks are gone
@@ -112,7 +112,7 @@ def test_fc7_is_the_last_hidden_layer(trained, demo_store):
 def test_neighbour_search_resumes_where_it_was_stopped(trained, monkeypatch, tmp_path):
     _, model, store, augment = trained
     train = store.split("train").take(np.arange(24))  # three batches of 8
-    queries = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0)).relu()
+    queries = torch.randn(2, model.fc8.in_features, generator=torch.Generator().manual_seed(0)).relu()
     reference = search_training_store(model, augment, train, queries, batch_size=8)
 
     real_batches, starts = figures.batches, []
@@ -159,7 +159,7 @@ def test_figures_tool_writes_every_figure(run_copy):
 
     assert main([f"run_dir={run_copy}", "devices=[cpu,cpu]", "workers=0", "batch_size=16"]) == 0
     out = run_copy / "figures"
-    expected = {"fig3_conv1.png": (914, 354),  # 2 towers x 3 rows of 16 kernels
+    expected = {"fig3_conv1.png": (6 * 57 + 2, 2 * 59 + 8),  # experiment=tiny: 6 kernels a tower, one row each
                 "fig4_top5.png": (4 * 260, 2 * 400),  # the paper's 8 images, 4 a row
                 "fig4_neighbours.png": (7 * 200, 5 * 220)}  # the paper's 5 queries, each + 6 neighbours
     for name, size in expected.items():

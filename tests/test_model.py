@@ -346,3 +346,15 @@ def test_presets_differ_only_in_the_2012_codes_choices():
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AlexNet(**kwargs)
+
+
+def test_width_narrows_every_layer_and_nothing_else():
+    full, narrow = AlexNet(num_classes=10), AlexNet(num_classes=10, width=0.125)
+    assert num_params(full) > 56e6 and num_params(narrow) < 1e6  # fc8 with 10 classes: 4M fewer
+    for (name, a), b in zip(full.named_parameters(), narrow.parameters()):
+        assert a.dim() == b.dim() and (a.shape[2:] == b.shape[2:]), name  # the same kernels, fewer of them
+    assert [t.conv1.out_channels for t in narrow.towers] == [6, 6] and narrow.fc8.in_features == 512
+    assert narrow(images(2)).shape == (2, 10)
+    assert AlexNet(width=1e-9).towers[0].conv1.out_channels == 1  # at least one unit
+    with pytest.raises(ValueError, match="width=0"):
+        AlexNet(width=0)

@@ -34,7 +34,7 @@ def test_a_phase_logs_its_rate_and_time_left_as_progress_lines():
         log.setLevel(level)
     lines = [r.getMessage() for r in handler.records]
     assert len(lines) == 3  # after each item but the last: the phase's end is said by whoever comes next
-    assert re.fullmatch(r"counting: 1/4 img \(25%\), [\d.]+ img/s, \d+ s left", lines[0])
+    assert re.fullmatch(r"counting: 1/4 img \(25%\), [\d.,]+ img/s, \d+ s left", lines[0])
     assert all(getattr(r, "progress", False) for r in handler.records)
 
 
