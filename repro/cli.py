@@ -9,6 +9,7 @@ go on); the other commands compose their settings with Hydra's compose API and w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -18,11 +19,12 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from repro.config import CONF_DIR, TOOL_CONFIGS, composed
+from repro.config import CONF_DIR, TOOL_CONFIGS, composed, validate
 from repro.demo_data import make_demo_data
 from repro.distributed import World
-from repro.errors import ReproError, RunError
+from repro.errors import FolderBusyError, ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
+from repro.io import locked
 from repro.preflight import preflight
 from repro.prepare import prepare
 from repro.progress import setup_logging
@@ -66,10 +68,25 @@ def settings(tool: str, key: str, argv: list[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise RunError(f"give {' '.join(f'{k}=...' for k in missing)} ({tool} --help lists the settings)")
+    validate(cfg)
     return cfg
 
 
 # -- training and evaluation (Hydra apps) ----------------------------------------------------------------------
+
+
+def given_run_dir(argv: list[str]) -> Path | None:
+    """The run folder a `repro-train` command line names (hydra.run.dir=..., without interpolations), if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if {"-m", "--multirun"} & set(argv):
+        return None  # a sweep's jobs have folders of their own, each locked by train()
+    given = [a for a in argv if a.lstrip("+~").startswith("hydra.run.dir=")]
+    try:
+        value = OverridesParser.create().parse_overrides(given[-1:])[0].value() if given else None
+    except HydraException:
+        return None  # Hydra says what is wrong with it
+    return Path(value) if isinstance(value, str) and "${" not in value else None
 
 
 def train_main() -> None:
@@ -100,7 +117,17 @@ def train_main() -> None:
             sys.exit(2)
         return metrics["top1_err_10crop"]
 
-    run()
+    # Lock a run folder named on the command line before Hydra writes its .hydra/ there: a second process must not
+    # replace the config of the run that holds it. train() locks every run folder (this lock is already its own).
+    run_dir = given_run_dir(sys.argv[1:]) if world.main else None
+    try:
+        if run_dir:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with locked(run_dir, "training run") if run_dir else contextlib.nullcontext():
+            run()
+    except FolderBusyError as error:
+        fail("repro-train", error)
+        sys.exit(2)
 
 
 def eval_main() -> None:

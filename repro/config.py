@@ -2,13 +2,17 @@
 the builders that turn config nodes into the model and the augmentation.
 
 Every list of choices comes from the code that uses it (the model's presets and choices, `Augment`'s, the
-schedules', the autocast types): the schema and the code cannot disagree. Only the entry points and this module
-know about Hydra.
+schedules', the autocast types): the schema and the code cannot disagree. Every numeric setting is checked once,
+where a command reads its config (`validate`: finite, and within the limits its field declares with `limited`).
+Only the entry points and this module know about Hydra.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
+import operator
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from pathlib import Path
@@ -18,7 +22,7 @@ import numpy as np
 from hydra import compose, initialize, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from repro import data as data_lib
@@ -38,6 +42,42 @@ def choices(name: str, values) -> type[Enum]:
 
 Preset = choices("Preset", model_lib.PRESETS)
 
+# The limits a numeric setting may carry (`limited`), as tests of (value, bound).
+LIMITS = {"at_least": operator.ge, "above": operator.gt, "at_most": operator.le, "below": operator.lt}
+
+
+def limited(default=None, *, factory=None, **limits):
+    """A numeric setting's field with its allowed range (keywords of LIMITS; for a list, of each item), which
+    `validate` checks when a command reads its config."""
+    assert set(limits) <= set(LIMITS), limits
+    metadata = {"limits": limits}
+    return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
+
+
+def validate(cfg: DictConfig, prefix: str = "") -> None:
+    """Check every number of a config composed from a schema of this module, once, where a command reads it:
+    each must be finite and within its field's limits. RunError names the first that is not (key, value, rule)."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for spec in dataclasses.fields(schema):
+        if OmegaConf.is_missing(cfg, spec.name):
+            continue
+        key, value = prefix + spec.name, cfg[spec.name]
+        if isinstance(value, DictConfig):
+            validate(value, f"{key}.")
+            continue
+        many = isinstance(value, ListConfig)
+        for item in value if many else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            shown = f"{key}={list(value) if many else value}: {'each value ' if many else ''}"
+            if not math.isfinite(item):
+                raise RunError(f"{shown}must be a finite number")
+            for rule, bound in spec.metadata.get("limits", {}).items():
+                if not LIMITS[rule](item, bound):
+                    raise RunError(f"{shown}must be {rule.replace('_', ' ')} {bound}")
+
 
 def _model_option_type(key: str, default) -> type:
     allowed = model_lib.CHOICES.get(key)
@@ -50,8 +90,8 @@ def _model_option_type(key: str, default) -> type:
 # options are the presets' own keys.
 ModelConfig = make_dataclass("ModelConfig", [
     ("preset", Preset, field(default=Preset.paper)),
-    ("num_classes", Optional[int], field(default=None)),  # null: the store's class count (1000 for ILSVRC-2012)
-    ("width", float, field(default=1.0)),  # not the paper's: every layer's width times this (tests, smoke runs)
+    ("num_classes", Optional[int], limited(None, at_least=1)),  # null: the store's class count (1000 for ILSVRC-2012)
+    ("width", float, limited(1.0, above=0)),  # not the paper's: every layer's width times this (tests, smoke runs)
     *((key, Optional[_model_option_type(key, default)], field(default=None))
       for key, default in model_lib.PRESETS["paper"].items())])
 ModelConfig.__doc__ = "The network: a preset and any of its options (repro/model.py); null keeps the preset's."
@@ -67,26 +107,28 @@ class DataConfig:
     """The prepared store and the paper's input pipeline (repro/data.py, `Augment`, says what each option does)."""
 
     store: str = MISSING
-    batch_size: int = 128  # §5
-    workers: int = 2
+    batch_size: int = limited(128, at_least=1)  # §5
+    workers: int = limited(2, at_least=0)
     pca_lighting: bool = True  # §4.1
-    pca_std: float = 0.1
+    pca_std: float = limited(0.1, at_least=0)
     lighting_style: LightingStyle = LightingStyle.paper
     mean_crop: MeanCrop = MeanCrop.center
     crop_chunk: int = 1  # or 32
-    limit_train: Optional[int] = None  # use a seeded random subset of this many training images (quick looks)
-    limit_val: Optional[int] = None  # likewise for validation; metrics then do not cover the whole split
+    # use a seeded random subset of this many training images (quick looks)
+    limit_train: Optional[int] = limited(None, at_least=1)
+    limit_val: Optional[int] = limited(None, at_least=1)  # likewise for validation; metrics then cover a part
 
 
 @dataclass
 class OptimConfig:
     """§5: v <- momentum v - weight_decay lr w - lr grad; w <- w + v."""
 
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = limited(0.01, above=0)
+    momentum: float = limited(0.9, at_least=0, below=1)
+    weight_decay: float = limited(5e-4, at_least=0)
     decay_biases: bool = True  # the 2012 code decayed weights only
-    bias_lr: Optional[float] = None  # null: the weights' rate (§5); a number: a fixed rate (2012 run #145: epsB 0.02)
+    # null: the weights' rate (§5); a number: a fixed rate (2012 run #145: epsB 0.02)
+    bias_lr: Optional[float] = limited(None, at_least=0)
 
 
 @dataclass
@@ -94,13 +136,13 @@ class ScheduleConfig:
     """`plateau` (§5) or `milestones` (the 2012 run); see repro/optim.py, `Schedule`. Epochs are counted from 0."""
 
     kind: ScheduleKind = ScheduleKind.plateau
-    patience: int = 5
-    max_drops: int = 3
-    max_epochs: int = 90
-    milestones: List[int] = field(default_factory=lambda: [24, 50, 78])
-    conv1_slow_epoch: Optional[int] = None
-    conv1_slow_lr: float = 1e-5
-    conv1_freeze_epoch: Optional[int] = None
+    patience: int = limited(5, at_least=0)
+    max_drops: int = limited(3, at_least=0)
+    max_epochs: int = limited(90, at_least=1)
+    milestones: List[int] = limited(factory=lambda: [24, 50, 78], at_least=0)
+    conv1_slow_epoch: Optional[int] = limited(None, at_least=0)
+    conv1_slow_lr: float = limited(1e-5, at_least=0)
+    conv1_freeze_epoch: Optional[int] = limited(None, at_least=0)
 
 
 @dataclass
@@ -131,14 +173,14 @@ class TrainConfig:
     name: str = "run"
     devices: Optional[List[str]] = None
     require_two_gpus: bool = False
-    seed: int = 0
+    seed: int = limited(0, at_least=0)
     deterministic: bool = False
     run_dir: Optional[str] = None  # the entry point fills in Hydra's output folder
-    checkpoint_every: int = 500  # steps between checkpoints (and at every epoch's end)
-    ten_crop_every: int = 0  # epochs between 10-patch evaluations; 0: only at the end
-    eval_batch_size: int = 64  # images per evaluation batch (x10 views with 10 patches)
-    log_every: int = 50  # steps between log lines and loss checks
-    flat_loss_steps: int = 2000  # warn when the loss sits at ln(classes) this many steps
+    checkpoint_every: int = limited(500, at_least=1)  # steps between checkpoints (and at every epoch's end)
+    ten_crop_every: int = limited(0, at_least=0)  # epochs between 10-patch evaluations; 0: only at the end
+    eval_batch_size: int = limited(64, at_least=1)  # images per evaluation batch (x10 views with 10 patches)
+    log_every: int = limited(50, at_least=1)  # steps between log lines and loss checks
+    flat_loss_steps: int = limited(2000, at_least=1)  # warn when the loss sits at ln(classes) this many steps
     dist_backend: Optional[str] = None  # torchrun only; null: gloo for CPU tensors, NCCL for CUDA ones
 
 
@@ -147,8 +189,8 @@ class EvalConfig:
     checkpoint: str = MISSING
     store: Optional[str] = None  # default: the store the checkpoint was trained on
     devices: Optional[List[str]] = None
-    batch_size: int = 64  # images per batch (x10 views with 10 patches)
-    workers: int = 2
+    batch_size: int = limited(64, at_least=1)  # images per batch (x10 views with 10 patches)
+    workers: int = limited(2, at_least=0)
     out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
@@ -165,7 +207,7 @@ class PrepareConfig:
     raw: str = MISSING
     store: str = MISSING
     skip_bad: bool = False
-    workers: Optional[int] = None
+    workers: Optional[int] = limited(None, at_least=1)
     draft: bool = True
 
 
@@ -175,7 +217,7 @@ class DemoDataConfig:
     20), `train_per_class` and `val_per_class` images each, from `seed`."""
 
     raw: str = "data/demo/raw"
-    num_classes: int = 10
+    num_classes: int = 10  # the limits of these four: repro/demo_data.py's LIMITS, which make_demo_data checks
     train_per_class: int = 260
     val_per_class: int = 30
     seed: int = 0
@@ -199,9 +241,9 @@ class FiguresConfig:
     which: List[str] = field(default_factory=lambda: ["conv1", "neighbours", "top5"])
     store: Optional[str] = None
     devices: Optional[List[str]] = None
-    queries: Optional[int] = None
-    batch_size: int = 64
-    workers: int = 2
+    queries: Optional[int] = limited(None, at_least=1)
+    batch_size: int = limited(64, at_least=1)
+    workers: int = limited(2, at_least=0)
 
 
 @dataclass
@@ -213,14 +255,14 @@ class Figure1Config:
 
     data: str = MISSING
     out: str = "docs/figures"
-    epochs: int = 40
-    extra_epochs: Optional[int] = 5
-    lrs: List[float] = field(default_factory=lambda: [0.0005, 0.001, 0.002])
+    epochs: int = limited(40, at_least=1)
+    extra_epochs: Optional[int] = limited(5, at_least=0)
+    lrs: List[float] = limited(factory=lambda: [0.0005, 0.001, 0.002], above=0)
     activations: List[str] = field(default_factory=lambda: ["relu", "tanh"])
     init: str = "paper"
-    seed: int = 0
-    limit: Optional[int] = None
-    batch_size: int = 128
+    seed: int = limited(0, at_least=0)
+    limit: Optional[int] = limited(None, at_least=1)
+    batch_size: int = limited(128, at_least=1)
     device: str = "cpu"
     download: bool = False
 
@@ -240,11 +282,11 @@ class PreflightConfig:
     (null: all); out: the folder for preflight.json (null: runs/preflight/<time>)."""
 
     devices: Optional[List[str]] = None
-    batch: Optional[int] = None
-    steps: Optional[int] = None
-    repeats: Optional[int] = None
+    batch: Optional[int] = limited(None, at_least=1)
+    steps: Optional[int] = limited(None, at_least=1)
+    repeats: Optional[int] = limited(None, at_least=1)
     store: Optional[str] = None
-    workers: int = 2
+    workers: int = limited(2, at_least=0)
     compile: bool = False
     checks: Optional[List[str]] = None
     out: Optional[str] = None

@@ -16,3 +16,11 @@ class StoreError(ReproError):
 
 class RunError(ReproError):
     """A setting, the devices, a run folder or a checkpoint."""
+
+
+class DiskFullError(ReproError):
+    """A write that found no space left on its disk (what it left intact is for the caller to say)."""
+
+
+class FolderBusyError(ReproError):
+    """A run folder or store that another process holds."""

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from repro import speed
-from repro.checkpoint import load_checkpoint
-from repro.config import SpeedConfig, build_augment, build_model
+from repro.checkpoint import check_classes, load_checkpoint
+from repro.config import SpeedConfig, build_augment, build_model, validate
 from repro.data import Augment, batches
 from repro.distributed import World
 from repro.errors import RunError
@@ -71,6 +71,7 @@ def load_trained(checkpoint_path, store=None, devices=None,
     checkpoint = load_checkpoint(Path(checkpoint_path))
     trained = checkpoint["config"]
     store = PreparedStore(store or trained["data"]["store"])
+    check_classes(checkpoint, checkpoint_path, store.classes, store.root)
     stats = store.stats()
     devices = resolve_devices(devices, require_two_gpus=False)
     speed_options = speed_options or SpeedConfig()
@@ -87,6 +88,7 @@ def load_trained(checkpoint_path, store=None, devices=None,
 def evaluate_checkpoint(cfg) -> dict:
     """`repro-eval checkpoint=PATH`: the checkpoint's network on a store's validation split, centre crop and
     10 patches, written to a JSON file and returned."""
+    validate(cfg)
     checkpoint, model, store, augment = load_trained(cfg.checkpoint, cfg.store, cfg.devices, cfg.speed)
     trained, split = checkpoint["config"], store.split("val")
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],

@@ -124,7 +124,6 @@ class Loop:
                     window = Window(run.devices[0])
                     if checkpoint_due:
                         run.save()
-                        run.last_saved_step = run.global_step
                 waited = time.perf_counter()
 
     def report(self, stats: dict, bar: Progress) -> None:
@@ -178,4 +177,3 @@ class Loop:
                  f"(centre crop, {centre['images']} images){' (best so far)' if improved else ''}")
         run.epoch, run.step = run.epoch + 1, 0
         run.save(best=improved)
-        run.last_saved_step = run.global_step

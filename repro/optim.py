@@ -147,8 +147,6 @@ class Schedule:
                  conv1_slow_lr: float = 1e-5, conv1_freeze_epoch: int | None = None, bias_lr: float | None = None):
         if kind not in SCHEDULE_KINDS:
             raise ValueError(f"schedule kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}")
-        if bias_lr is not None and bias_lr < 0:
-            raise RunError(f"optim.bias_lr={bias_lr}: must be >= 0, or null for the weights' rate")
         self.kind, self.base_lr, self.patience, self.max_drops = kind, lr, patience, max_drops
         self.max_epochs, self.milestones = max_epochs, tuple(milestones)
         self.conv1_slow_epoch, self.conv1_slow_lr = conv1_slow_epoch, conv1_slow_lr

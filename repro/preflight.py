@@ -775,11 +775,6 @@ def preflight(cfg, command: str = "repro-preflight") -> int:
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise RunError(f"checks={unknown}: no such check; the checks are {', '.join(CHECKS)}")
-    for name in ("batch", "steps", "repeats"):
-        if cfg[name] is not None and cfg[name] < 1:
-            raise RunError(f"{name}={cfg[name]}: must be positive")
-    if cfg.workers < 0:
-        raise RunError(f"workers={cfg.workers}: must be 0 or more")
     # deterministic=true (randomness-resume) needs cuBLAS's fixed workspace, read when cuBLAS first starts
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     devices = resolve_devices(cfg.devices, require_two_gpus=False)

@@ -10,11 +10,13 @@ so nothing is extracted.
 Output (`OUT/`): `<split>/images.npy` (N x 256 x 256 x 3 uint8, memory-mapped), `<split>/labels.npy`
 (sorted-WNID indices, 0 = n01440764), `<split>/sources.tsv` (where each row came from), `<split>/crc32.npy`
 (a checksum per row), `stats.npz`, and `manifest.json`, written last: a store without a manifest is unfinished.
-Killed at any point, the same command continues where it stopped.
+Killed at any point, the same command continues where it stopped. A prepare locks `OUT/` (`.lock`), checks the
+disk space it needs and reserves its arrays' blocks before converting anything (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -26,6 +28,8 @@ import re
 import tarfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from PIL import Image
 
 from repro import __version__
 from repro.errors import PrepareError
-from repro.io import atomic_write, write_json
+from repro.io import atomic_write, free_space, human, locked, remove_temporaries, write_json
 from repro.progress import Progress, progress
 from repro.store import FORMAT, SIZE, usable_rows
 
@@ -44,6 +48,8 @@ VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
 WNID = re.compile(r"n\d{8}$")
 RESIZE = Image.Resampling.BILINEAR  # the paper names none; Pillow's bilinear is antialiased when shrinking
 TODO, DONE, BAD = 0, 1, 2  # states of a row in <split>/progress.npy
+IMAGE_BYTES = SIZE * SIZE * 3  # 196,608 bytes a row of images.npy
+ROW_EXTRA, STORE_EXTRA = 256, 16_000_000  # bytes, generous: a row's label, checksum and line; stats and manifest
 log = logging.getLogger("repro")
 
 
@@ -80,13 +86,23 @@ def read_devkit(path: Path) -> tuple[dict[int, str], list[int], dict[str, str]]:
         for needed in (meta, truth):
             if not (root / needed).is_file():
                 raise PrepareError(f"devkit folder {root} has no {needed}")
-        return parse((root / meta).read_bytes(), (root / truth).read_text())
-    with tarfile.open(path) as tar:
-        members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
-        for needed in (meta, truth):
-            if needed not in members:
-                raise PrepareError(f"devkit archive {path} has no ILSVRC2012_devkit_t12/{needed}")
-        return parse(tar.extractfile(members[meta]).read(), tar.extractfile(members[truth]).read().decode())
+        files = (root / meta).read_bytes(), (root / truth).read_bytes()
+    else:
+        try:
+            with tarfile.open(path) as tar:
+                members = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
+                for needed in (meta, truth):
+                    if needed not in members:
+                        raise PrepareError(f"devkit archive {path} has no ILSVRC2012_devkit_t12/{needed}")
+                files = tar.extractfile(members[meta]).read(), tar.extractfile(members[truth]).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            raise PrepareError(f"devkit archive {path} is damaged ({type(error).__name__}: {error}); download "
+                               f"{DEVKIT_TAR} again") from None
+    try:
+        return parse(files[0], files[1].decode())
+    except Exception as error:  # scipy's, numpy's or int()'s complaint about damaged contents
+        raise PrepareError(f"devkit {path}: {meta} or the ground truth could not be read ({type(error).__name__}: "
+                           f"{error}); the devkit is damaged: download {DEVKIT_TAR} again") from None
 
 
 def tar_files(path: Path, fileobj=None, base: int = 0):
@@ -109,21 +125,39 @@ def find_devkit(raw: Path) -> Path | None:
     return None
 
 
-def train_sources(raw: Path, class_index: dict[str, int]) -> tuple[str, list[Source]]:
-    """Every training image, sorted by WNID then file name, labelled through `class_index`."""
-    sources = []
+def train_sources(raw: Path, class_index: dict[str, int], skip_bad: bool) -> tuple[str, list[Source], list]:
+    """Every training image, sorted by WNID then file name, labelled through `class_index`, and the class archives
+    left out (not a tar, or no images in it), which are an error unless `skip_bad`."""
+    sources, unusable = [], []
     if (raw / TRAIN_TAR).is_file():
         layout, outer_path = f"{TRAIN_TAR} (tar of per-class tars)", raw / TRAIN_TAR
-        with tarfile.open(outer_path, mode="r:") as outer:
-            for member in outer:
-                if not member.isfile():
-                    continue
-                wnid = Path(member.name).name.removesuffix(".tar")
-                if not member.name.endswith(".tar") or not WNID.match(wnid):
-                    raise PrepareError(f"{outer_path}: member {member.name!r} is not a <wnid>.tar class archive")
-                label = class_label(wnid, class_index, f"{outer_path}:{member.name}")
-                for name, offset, size in tar_files(outer_path, outer.extractfile(member), member.offset_data):
-                    sources.append(Source(f"train/{wnid}/{Path(name).name}", str(outer_path), offset, size, label))
+        try:
+            with tarfile.open(outer_path, mode="r:") as outer:
+                for member in outer:
+                    if not member.isfile():
+                        continue
+                    wnid = Path(member.name).name.removesuffix(".tar")
+                    if not member.name.endswith(".tar") or not WNID.match(wnid):
+                        raise PrepareError(f"{outer_path}: member {member.name!r} is not a <wnid>.tar class archive")
+                    label = class_label(wnid, class_index, f"{outer_path}:{member.name}")
+                    try:
+                        files = list(tar_files(outer_path, outer.extractfile(member), member.offset_data))
+                    except tarfile.TarError as error:
+                        unusable.append({"file": member.name, "error": f"not a tar archive ({error})"})
+                        continue
+                    if not files:
+                        unusable.append({"file": member.name, "error": "no images in it"})
+                    sources += [Source(f"train/{wnid}/{Path(name).name}", str(outer_path), offset, size, label)
+                                for name, offset, size in files]
+        except tarfile.TarError as error:
+            raise PrepareError(f"{outer_path} is damaged ({error}); download it again") from None
+        if unusable and not skip_bad:
+            listing = "".join(f"\n  {u['file']}: {u['error']}" for u in unusable)
+            raise PrepareError(f"{outer_path}: {len(unusable)} class archive(s) cannot be used:{listing}\nDownload "
+                               f"{TRAIN_TAR} again, or add skip_bad=true to leave their images out (the manifest "
+                               "records them)")
+        for u in unusable:
+            log.warning(f"{outer_path}: left out {u['file']}: {u['error']} (skip_bad=true)")
     elif (raw / "train").is_dir():
         layout = "train/<wnid>/ folders"
         for folder in sorted(p for p in (raw / "train").iterdir() if p.is_dir()):
@@ -131,9 +165,9 @@ def train_sources(raw: Path, class_index: dict[str, int]) -> tuple[str, list[Sou
             for path, size in folder_files(folder):
                 sources.append(Source(f"train/{folder.name}/{path.name}", str(path), 0, size, label))
     else:
-        return "absent", []
+        return "absent", [], []
     sources.sort(key=lambda s: s.name)
-    return layout, sources
+    return layout, sources, unusable
 
 
 def val_sources(raw: Path, class_index: dict[str, int], devkit: tuple | None) -> tuple[str, list[Source]]:
@@ -175,11 +209,14 @@ def class_label(wnid: str, class_index: dict[str, int], where: str) -> int:
     return class_index[wnid]
 
 
-def plan(raw: Path) -> dict:
+def plan(raw: Path, skip_bad: bool = False) -> dict:
     """Find the input, check it, and list every image of every split with its label."""
     if not raw.is_dir():
         raise PrepareError(f"{raw} is not a folder")
     devkit_path = find_devkit(raw)
+    if devkit_path is None and (raw / TRAIN_TAR).is_file():
+        raise PrepareError(f"{raw} holds {TRAIN_TAR} but no devkit, which lists its classes: put {DEVKIT_TAR} (or "
+                           f"its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
     devkit = read_devkit(devkit_path) if devkit_path else None
     if devkit:
         classes = sorted(devkit[0].values())
@@ -190,15 +227,16 @@ def plan(raw: Path) -> dict:
     else:
         classes = []
     class_index = {wnid: i for i, wnid in enumerate(classes)}
-    train_layout, train = train_sources(raw, class_index)
-    val_layout, val = val_sources(raw, class_index, devkit)
+    val_layout, val = val_sources(raw, class_index, devkit)  # first: quick, and it may need the devkit
+    train_layout, train, unusable = train_sources(raw, class_index, skip_bad)
     if not train and not val:
         raise PrepareError(f"{raw} holds no ILSVRC-2012 images: expected {TRAIN_TAR} or train/<wnid>/, and/or "
                            f"{VAL_TAR} or val/ (flat, with {DEVKIT_TAR}) or val/<wnid>/")
     return {"raw": str(raw.resolve()), "devkit": str(devkit_path) if devkit_path else None, "classes": classes,
             "class_names": [devkit[2][wnid] for wnid in classes] if devkit else None,
-            "splits": {name: {"layout": layout, "sources": sources}
-                       for name, layout, sources in (("train", train_layout, train), ("val", val_layout, val))
+            "splits": {name: {"layout": layout, "sources": sources, "skipped_archives": archives}
+                       for name, layout, sources, archives in (("train", train_layout, train, unusable),
+                                                               ("val", val_layout, val, []))
                        if sources}}
 
 
@@ -261,8 +299,33 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_space(out: Path, rows: int) -> None:
+    """Refuse to start when the disk of `out` cannot hold `rows` more images and what goes with them."""
+    needed, free = rows * (IMAGE_BYTES + ROW_EXTRA) + STORE_EXTRA, free_space(out)
+    if needed > free:
+        raise PrepareError(f"not enough disk space for the store {out}: it needs {human(needed)} ({rows:,} images of "
+                           f"{IMAGE_BYTES:,} bytes, with their labels, checksums and statistics) but {human(free)} is "
+                           "free there; free some space or choose another store=")
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of the array file `path` now. The workers write through memory maps, and a write into a
+    sparse file on a full disk kills the process (SIGBUS); into reserved blocks it cannot fail."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise PrepareError(f"disk full: {path} could not be reserved ({human(free_space(path.parent))} free "
+                                   "there); free some space and run the same command again") from None
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning(f"{path}: this file system cannot reserve space ({error.strerror}); keep it from filling up")
+
+
 def start_split(out: Path, split: str, sources: list[Source]) -> None:
-    """Allocate a split's files once; a rerun finds them and checks they were planned from the same input."""
+    """Allocate a split's files once, reserving their space; a rerun finds them and checks they were planned from
+    the same input."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     table = "".join(f"{s.name}\t{s.path}\t{s.offset}\t{s.size}\n" for s in sources)
@@ -270,13 +333,31 @@ def start_split(out: Path, split: str, sources: list[Source]) -> None:
         if (folder / "sources.tsv").read_text() != table:
             raise PrepareError(f"{folder} was started from different input files; prepare into a new folder or "
                                f"delete {folder}")
-        return
-    atomic_write(folder / "sources.tsv", lambda f: f.write(table.encode()))
-    atomic_write(folder / "labels.npy", lambda f: np.save(f, np.array([s.label for s in sources], np.int16)))
-    np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(sources), SIZE, SIZE, 3)).flush()
-    np.lib.format.open_memmap(folder / "crc32.npy", "w+", np.uint32, (len(sources),)).flush()
-    # last: its presence says the files above are complete
-    atomic_write(folder / "progress.npy", lambda f: np.save(f, np.zeros(len(sources), np.uint8)))
+    else:
+        atomic_write(folder / "sources.tsv", lambda f: f.write(table.encode()))
+        atomic_write(folder / "labels.npy", lambda f: np.save(f, np.array([s.label for s in sources], np.int16)))
+        np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(sources), SIZE, SIZE, 3)).flush()
+        np.lib.format.open_memmap(folder / "crc32.npy", "w+", np.uint32, (len(sources),)).flush()
+    for name in ("images.npy", "crc32.npy"):  # again on a rerun: a store started before reserving was sparse
+        reserve(folder / name)
+    if not (folder / "progress.npy").is_file():  # last: its presence says the files above are complete
+        atomic_write(folder / "progress.npy", lambda f: np.save(f, np.zeros(len(sources), np.uint8)))
+
+
+def parallel(function, tasks: list, workers: int, initializer=None, initargs: tuple = ()):
+    """`function` of every task in `workers` processes, yielding the results as they come. A worker's death (the
+    kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor notices it and fails,
+    where multiprocessing.Pool would wait forever for the dead worker's task."""
+    executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer, initargs)
+    try:
+        for future in as_completed([executor.submit(function, task) for task in tasks]):
+            yield future.result()
+    except BrokenProcessPool:
+        raise PrepareError("a worker process died (killed by the system, e.g. out of memory or a full disk, or by a "
+                           "signal); what is done is kept: run the same command again to continue (fewer workers= "
+                           "use less memory)") from None
+    finally:
+        executor.shutdown(cancel_futures=True)
 
 
 def convert_split(out: Path, split: str, sources: list[Source], workers: int, draft: bool,
@@ -286,9 +367,8 @@ def convert_split(out: Path, split: str, sources: list[Source], workers: int, dr
     todo = [(row, s.path, s.offset, s.size) for row, s in enumerate(sources) if status[row] != DONE]
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     errors = {}
-    with (Progress(f"prepare {split}", len(sources), "img", initial=len(sources) - len(todo)) as bar,
-          multiprocessing.get_context("spawn").Pool(workers, _open_worker, (str(out), split, draft)) as pool):
-        for results in pool.imap_unordered(_convert_rows, chunks):
+    with Progress(f"prepare {split}", len(sources), "img", initial=len(sources) - len(todo)) as bar:
+        for results in parallel(_convert_rows, chunks, workers, _open_worker, (str(out), split, draft)):
             for row, error in results:
                 status[row] = BAD if error else DONE
                 if error:
@@ -306,11 +386,10 @@ def compute_stats(out: Path, rows: np.ndarray, workers: int, chunk: int = 64) ->
     parts = [(path, rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
     image_sum = np.zeros((SIZE, SIZE, 3))
     pixel_sum, outer_sum = np.zeros(3), np.zeros((3, 3))
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for a, b, c in progress(pool.imap_unordered(_partial_sums, parts), "statistics", len(parts), "chunk"):
-            image_sum += a
-            pixel_sum += b
-            outer_sum += c
+    for a, b, c in progress(parallel(_partial_sums, parts, workers), "statistics", len(parts), "chunk"):
+        image_sum += a
+        pixel_sum += b
+        outer_sum += c
     pixels = len(rows) * SIZE * SIZE
     mean = pixel_sum / pixels
     cov = outer_sum / pixels - np.outer(mean, mean)
@@ -331,16 +410,24 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
             chunk: int = 32) -> dict:
     """Prepare `raw` into `out` (see the module docstring); returns the manifest. Raises PrepareError on bad input,
     and, unless `skip_bad`, after converting everything else, when some files could not be read."""
-    if workers is not None and workers < 1:
-        raise PrepareError(f"workers={workers}: must be at least 1, or null for every core")
     workers = workers or os.cpu_count() or 1
-    if (out / "manifest.json").is_file():
-        log.info(f"{out} is already a complete prepared store (manifest.json); nothing to do")
-        return json.loads((out / "manifest.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out, "store preparation"):  # for the whole preparation: a second one into `out` is refused
+        if (out / "manifest.json").is_file():
+            log.info(f"{out} is already a complete prepared store (manifest.json); nothing to do")
+            return json.loads((out / "manifest.json").read_text())
+        remove_temporaries(out)  # what a killed preparation was writing
+        return _prepare(raw, out, skip_bad, workers, draft, chunk)
+
+
+def _prepare(raw: Path, out: Path, skip_bad: bool, workers: int, draft: bool, chunk: int) -> dict:
     t0 = time.time()
     log.info(f"indexing {raw} ...")
-    work = plan(raw)
-    out.mkdir(parents=True, exist_ok=True)
+    work = plan(raw, skip_bad)
+    check_space(out, sum(len(info["sources"]) for split, info in work["splits"].items()
+                         if not (out / split / "progress.npy").is_file()))
+    for split, info in work["splits"].items():  # both before any conversion: every byte reserved up front
+        start_split(out, split, info["sources"])
     manifest = {"format": FORMAT, "repro": __version__, "created": None, "raw": work["raw"],
                 "devkit": work["devkit"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
                 "central 256x256 crop, RGB", "draft": draft, "classes": work["classes"],
@@ -351,12 +438,12 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     for split, info in work["splits"].items():
         sources = info["sources"]
         log.info(f"{split}: {len(sources)} images ({info['layout']})")
-        start_split(out, split, sources)
         errors = convert_split(out, split, sources, workers, draft, chunk)
         all_errors.update({sources[row].name: error for row, error in errors.items()})
         manifest["splits"][split] = {
             "layout": info["layout"], "rows": len(sources), "count": len(sources) - len(errors),
-            "skipped": [{"row": row, "file": sources[row].name, "error": errors[row]} for row in sorted(errors)]}
+            "skipped": [{"row": row, "file": sources[row].name, "error": errors[row]} for row in sorted(errors)],
+            "skipped_archives": info["skipped_archives"]}
     if all_errors and not skip_bad:
         listing = "\n".join(f"  {name}: {error}" for name, error in sorted(all_errors.items()))
         raise PrepareError(f"{len(all_errors)} file(s) could not be read (everything else is prepared):\n{listing}\n"

@@ -4,22 +4,24 @@ the run folder's checkpoints. `repro.loop` runs its epochs, `repro.train` the wh
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repro import speed
-from repro.checkpoint import load_checkpoint, save_checkpoint
-from repro.config import build_augment, build_model
+from repro.checkpoint import check_classes, load_checkpoint, previous, save_checkpoint
+from repro.config import build_augment, build_model, validate
 from repro.distributed import World
-from repro.errors import RunError
+from repro.errors import DiskFullError, RunError
 from repro.io import flatten
 from repro.optim import PaperSGD, Schedule, load_state, param_groups
 from repro.runtime import set_determinism
 from repro.store import PreparedStore
 
 # Settings a resumed run must share with the checkpoint (anything else, e.g. the learning rate, may change).
+log = logging.getLogger("repro")
 FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "seed")
 
 
@@ -27,16 +29,13 @@ class Run:
     """The state of one training run: what its steps change, and what its checkpoints hold."""
 
     def __init__(self, cfg: DictConfig, world: World = World()):
+        validate(cfg)
         self.cfg, self.world = cfg, world
         self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.dir = Path(cfg.run_dir)
         self.checkpoints = self.dir / "checkpoints"
         if world.main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
-        for key in ("data.batch_size", "data.pca_std", "eval_batch_size", "checkpoint_every", "log_every"):
-            value = OmegaConf.select(cfg, key)
-            if value <= 0 and not (key == "data.pca_std" and value == 0):
-                raise RunError(f"{key}={value}: must be positive")
         self.local_batch = world.local_batch(cfg.data.batch_size)
         self.devices = world.devices(cfg.devices, cfg.require_two_gpus)
         if world.launched and self.devices[0].startswith("cuda"):
@@ -45,7 +44,7 @@ class Run:
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)
         store = PreparedStore(cfg.data.store)
-        self.dataset = store.description
+        self.dataset, self.classes = store.description, store.classes
         self.train_split = store.split("train").sample(cfg.data.limit_train, cfg.seed)
         self.val_split = store.split("val").sample(cfg.data.limit_val, cfg.seed)
         self.steps_per_epoch = len(self.train_split) // cfg.data.batch_size
@@ -70,9 +69,14 @@ class Run:
         self.schedule = Schedule(lr=cfg.optim.lr, bias_lr=cfg.optim.bias_lr, **self.record["schedule"])
         self.epoch = self.step = self.global_step = 0
         self.history: list[dict] = []
-        self.resumed = (self.checkpoints / "last.pt").is_file()
+        latest = self.checkpoints / "last.pt"
+        if not latest.is_file() and previous(latest).is_file():
+            log.warning(f"{latest} is missing but {previous(latest)} is there (a stop between the two renames of a "
+                        "save): resuming from it")
+            latest = previous(latest)
+        self.resumed = latest.is_file()
         if self.resumed:
-            self.load(self.checkpoints / "last.pt")
+            self.load(latest)
         starts = world.gather(self.global_step if self.resumed else None)
         if len(set(starts)) > 1:
             raise RunError(f"the processes would start from different points ({starts}, per rank: a step, or None "
@@ -85,15 +89,24 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                "history": self.history, "config": self.record}
+                "history": self.history, "config": self.record, "classes": self.classes}
 
     def save(self, best: bool = False) -> None:
+        """last.pt (keeping the one it replaces as last.prev.pt), and best.pt when `best`."""
+        intact = self.last_saved_step
+        self.last_saved_step = self.global_step
         if not self.world.main:  # every rank holds the same state; rank 0 writes it
             return
-        state = self.state()
-        save_checkpoint(self.checkpoints / "last.pt", state)
-        if best:
-            save_checkpoint(self.checkpoints / "best.pt", state)
+        state, last = self.state(), self.checkpoints / "last.pt"
+        try:
+            save_checkpoint(last, state, keep_previous=True)
+            intact = self.global_step
+            if best:
+                save_checkpoint(self.checkpoints / "best.pt", state)
+        except DiskFullError as error:
+            then = (f"{last} (step {intact}) is intact: free some space and run the same command to resume from it"
+                    if intact is not None else "no checkpoint had been written yet: free some space and start again")
+            raise RunError(f"{error}; {then}") from None
 
     def load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
@@ -103,6 +116,7 @@ class Run:
             raise RunError(f"{self.dir} holds a run with different settings ({', '.join(changed)}: "
                            f"{[saved.get(k) for k in changed]} there, {[now[k] for k in changed]} now); "
                            "resume with the same settings, or start a new run in another hydra.run.dir")
+        check_classes(checkpoint, path, self.classes, self.cfg.data.store)
         self.model.load_state_dict(checkpoint["model"])
         load_state(self.optimizer, checkpoint["optimizer"], self.model)
         if checkpoint.get("scaler"):  # empty when the run was not in fp16 then

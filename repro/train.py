@@ -1,10 +1,11 @@
 """Training (§5): `train(cfg)` trains (or resumes) the run `cfg` describes into its run folder and returns the
 final metrics. `repro.cli` holds the `repro-train` entry point around it.
 
-The run folder is the record: `.hydra/` (config), `train.log`, `tb/` (TensorBoard), `checkpoints/last.pt` and
-`best.pt`, `metrics.json` (and `report.md`, written by the entry point). Running the same command with the same
-`hydra.run.dir` resumes from `last.pt`; with `deterministic=true` a resumed run ends with exactly the weights of an
-uninterrupted one. Under torchrun every process runs `train`, each on its slice of the global batch, with DDP
+The run folder is the record: `.hydra/` (config), `train.log`, `tb/` (TensorBoard), `checkpoints/last.pt`
+(`last.prev.pt`, the one before) and `best.pt`, `metrics.json` (and `report.md`, written by the entry point). Running
+the same command with the same `hydra.run.dir` resumes from `last.pt`; with `deterministic=true` a resumed run ends
+with exactly the weights of an uninterrupted one. A run locks its folder (`.lock`) for its life: a second process
+there is refused (docs/reliability.md). Under torchrun every process runs `train`, each on its slice of the global batch, with DDP
 (repro/distributed.py); rank 0 alone writes the run folder.
 """
 
@@ -22,7 +23,7 @@ from repro.config import augment_options
 from repro.distributed import World
 from repro.errors import ReproError, RunError
 from repro.evaluate import PAPER_METRICS, evaluate_views
-from repro.io import flatten, write_json
+from repro.io import flatten, locked, remove_temporaries, write_json
 from repro.loop import Loop
 from repro.run import Run
 from repro.runtime import environment
@@ -58,30 +59,40 @@ def train(cfg: DictConfig) -> dict:
     Under torchrun every process calls it; they share rank 0's run folder, and only rank 0 writes to it."""
     world = World.from_env()
     world.start(cfg.dist_backend)
-    cfg.run_dir = world.share(cfg.run_dir)  # rank 0's: Hydra's ${now} folder name can differ between processes
-    if not cfg.run_dir:
-        raise RunError("run_dir is not set (the repro-train entry point sets it to Hydra's output folder)")
-    run_dir = Path(cfg.run_dir)
-    if world.main:
+    try:
+        cfg.run_dir = world.share(cfg.run_dir)  # rank 0's: Hydra's ${now} folder name can differ between processes
+        if not cfg.run_dir:
+            raise RunError("run_dir is not set (the repro-train entry point sets it to Hydra's output folder)")
+        if not world.main:
+            log.setLevel(logging.ERROR)  # rank 0 logs for everyone
+            return _train(cfg, world)
+        run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "failed.json").unlink(missing_ok=True)  # from an earlier attempt that this one replaces
-        handler = attach_log_file(run_dir / "train.log")
-    else:
-        handler = logging.NullHandler()
-        log.setLevel(logging.ERROR)  # rank 0 logs for everyone
+        with locked(run_dir, "training run"):  # for the run's life: a second process on this folder is refused
+            remove_temporaries(run_dir)  # what a killed run was writing
+            (run_dir / "failed.json").unlink(missing_ok=True)  # from an earlier attempt that this one replaces
+            return _logged(cfg, world, run_dir)
+    finally:
+        world.stop()
+
+
+def _logged(cfg: DictConfig, world: World, run_dir: Path) -> dict:
+    """Rank 0's run, in train.log; a failure also goes to failed.json (what a sweep's summary reports)."""
+    handler = attach_log_file(run_dir / "train.log")
     try:
         return _train(cfg, world)
     except Exception as error:
         message = str(error) if isinstance(error, ReproError) else f"{type(error).__name__}: {error}"
         handler.handle(logging.makeLogRecord({"msg": f"stopped: {message}", "levelno": logging.ERROR,
-                                              "levelname": "ERROR", "name": log.name}))
-        if world.main:
-            write_json(run_dir / "failed.json", {"error": message})  # what a sweep's summary reports for this job
+                                              "levelname": "ERROR", "name": log.name}))  # the console gets the error
+        try:
+            write_json(run_dir / "failed.json", {"error": message})
+        except (OSError, ReproError):  # e.g. the disk is full: the error itself says what matters
+            pass
         raise
     finally:
         log.removeHandler(handler)
         handler.close()
-        world.stop()
 
 
 def _train(cfg: DictConfig, world: World) -> dict:

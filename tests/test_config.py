@@ -18,7 +18,7 @@ def test_each_preset_composes_and_builds(preset):
 def test_overrides_reach_the_model():
     cfg = compose_train("model=cuda_convnet", "model.lrn=false", "model.towers=1", "model.dropout_style=inverted",
                         "model.init_bias=0.1")
-    assert model_kwargs(cfg.model) == {"preset": "cuda_convnet", "lrn": False, "towers": 1,
+    assert model_kwargs(cfg.model) == {"preset": "cuda_convnet", "width": 1.0, "lrn": False, "towers": 1,
                                        "dropout_style": "inverted", "init_bias": 0.1}
     model = build_model(cfg.model)
     assert model.options == dict(PRESETS["cuda_convnet"], lrn=False, towers=1, dropout_style="inverted",

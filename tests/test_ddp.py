@@ -48,8 +48,8 @@ def test_rank_0_alone_writes_one_run_folder(two_process_run):
     (run_dir,) = (cwd / "runs").iterdir()
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert [f for f in files if not f.startswith("tb/")] == [
-        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "checkpoints/best.pt",
-        "checkpoints/last.pt", "metrics.json", "report.md", "train.log"]
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", ".lock", "checkpoints/best.pt",
+        "checkpoints/last.prev.pt", "checkpoints/last.pt", "metrics.json", "report.md", "train.log"]
     events = list((run_dir / "tb").glob("events.out.tfevents.*"))  # .<time>.<host>.<pid>.<n>: one process's
     assert events and len({e.name.split(".")[-2] for e in events}) == 1
     log = (run_dir / "train.log").read_text()

@@ -4,6 +4,8 @@
 import pytest
 import torch
 
+from helpers import train_config
+from repro.config import validate
 from repro.model import AlexNet
 from repro.optim import GROUPS, PaperSGD, Schedule, load_state, param_groups
 from repro.errors import RunError
@@ -142,8 +144,8 @@ def test_each_group_rate_across_drops_conv1_slow_down_and_freeze(bias_lr, expect
 
 
 def test_negative_bias_rate_is_refused():
-    with pytest.raises(RunError, match="optim.bias_lr=-0.1: must be >= 0"):
-        Schedule("plateau", lr=0.01, bias_lr=-0.1)
+    with pytest.raises(RunError, match="optim.bias_lr=-0.1: must be at least 0"):
+        validate(train_config("optim.bias_lr=-0.1"))
 
 
 def three_group_optimizer(model):

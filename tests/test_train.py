@@ -183,7 +183,7 @@ def test_resume_refuses_a_different_model(demo_store, tmp_path):
         train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=2", "model.lrn=false"))
 
 
-@pytest.mark.parametrize("override, message", [("data.batch_size=0", "data.batch_size=0: must be positive"),
+@pytest.mark.parametrize("override, message", [("data.batch_size=0", "data.batch_size=0: must be at least 1"),
                                                ("model.towers=3", "towers=3 is not one of"),
                                                ("data.crop_chunk=16", "crop_chunk")])
 def test_bad_values_stop_with_a_message(demo_store, tmp_path, override, message):

@@ -260,12 +260,6 @@ def figure1(data: Path, out: Path, activations: list[str], lrs: list[float], epo
             init: str = "paper", seed: int = 0, limit: int | None = None, batch_size: int = 128,
             device: str = "cpu", download: bool = False) -> dict:
     """Every (activation, lr) run not already in `out`'s results, then the choices, the ratio and the figure."""
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("limit", limit or 1), *(
-            ("lrs", lr) for lr in lrs)):
-        if not value > 0:
-            raise RunError(f"{name}: {value} must be positive")
-    if extra_epochs is not None and extra_epochs < 0:
-        raise RunError(f"extra_epochs={extra_epochs}: must be 0 or more, or null (never stop early)")
     unknown = sorted(set(activations) - set(ACTIVATIONS))
     if unknown or not activations or init not in INITS:
         raise RunError(f"activations={activations}, init={init}: choose activations from {sorted(ACTIVATIONS)} "

@@ -1,0 +1,561 @@
+"""What survives what (docs/reliability.md): a full disk, a damaged checkpoint, two processes on one folder, a dead
+worker, damaged raw archives, bad values and the wrong store, each reproduced and met with one clear line."""
+
+import dataclasses
+import errno
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from devkit import write_devkit
+from helpers import command, tiny_cfg, train_config
+from repro import prepare as prepare_module
+from repro.checkpoint import check_classes, load_checkpoint, save_checkpoint
+from repro.cli import prepare_main
+from repro.config import CONF_DIR, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
+from repro.demo_data import DEVKIT_TAR, TRAIN_TAR, make_demo_data
+from repro.errors import DiskFullError, FolderBusyError, PrepareError, RunError
+from repro.evaluate import evaluate_checkpoint
+from repro.io import atomic_write, locked, remove_temporaries, write_json
+from repro.prepare import IMAGE_BYTES, prepare, start_split
+from repro.store import PreparedStore
+from repro.train import train
+from test_prepare import jpeg_bytes, small_raw
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+class FullDisk(io.RawIOBase):
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (a real disk that fills up); skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Take all the free space of `folder`'s disk but `leave` bytes."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(folder).free - leave)
+    return filler
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:  # it ended meanwhile
+        return []
+    return children + [d for c in children for d in descendants(c)]
+
+
+def is_worker(pid: int) -> bool:
+    """A multiprocessing worker started by `spawn` (not its resource tracker)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return False
+
+
+def rows_done(store: Path, split: str = "train") -> int:
+    try:
+        return int((np.load(store / split / "progress.npy") != 0).sum())
+    except (OSError, ValueError, EOFError):  # not there yet, or being replaced
+        return 0
+
+
+def wait_for(condition, seconds: float = 120, what: str = "the condition"):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def big_jpegs(raw: Path, count: int) -> Path:
+    """`count` large noisy JPEGs (slow to decode at full size, four different ones: quick to make), so that a
+    preparation lasts long enough to be disturbed."""
+    pictures = [jpeg_bytes(size=(1400, 1000), seed=seed) for seed in range(4)]
+    for c in range(2):
+        folder = raw / "train" / f"n0000000{c}"
+        folder.mkdir(parents=True)
+        for i in range(count // 2):
+            (folder / f"{i}.JPEG").write_bytes(pictures[(c + 2 * i) % 4])
+    return raw
+
+
+# -- 1. a full disk during the preparation ------------------------------------------------------------------------
+
+
+def test_prepare_refuses_a_store_its_disk_cannot_hold_before_any_work(demo_raw, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "free_space", lambda folder: 5_000_000)
+    with pytest.raises(PrepareError, match=r"not enough disk space for the store .*: it needs 2\d\.\d MB \(64 images "
+                                           r"of 196,608 bytes, .*\) but 5\.0 MB is free there"):
+        prepare(demo_raw, tmp_path / "store", workers=1)
+    assert not (tmp_path / "store" / "train").exists()
+
+
+def test_a_split_reserves_its_arrays_blocks(demo_raw, tmp_path):
+    sources = prepare_module.plan(demo_raw, skip_bad=True)["splits"]["train"]["sources"]
+    start_split(tmp_path, "train", sources)
+    images = tmp_path / "train" / "images.npy"
+    assert images.stat().st_size > len(sources) * IMAGE_BYTES
+    assert images.stat().st_blocks * 512 >= images.stat().st_size  # allocated, not a sparse file
+
+
+def test_prepare_on_a_real_disk_too_small_is_refused(demo_raw, tmpfs):
+    disk = tmpfs("2m")
+    with pytest.raises(PrepareError, match=r"it needs 2\d\.\d MB .* but 2\.\d MB is free there"):
+        prepare(demo_raw, disk / "store", workers=1)
+
+
+def test_prepare_survives_its_disk_filling_up_after_it_started(demo_raw, demo_store, tmpfs, monkeypatch):
+    """The campaign's hang: the disk fills up during the conversion (here: right before it). The arrays' blocks
+    were reserved, so the workers' writes cannot fail; only the small files at the end need the last megabytes."""
+    disk = tmpfs("40m")
+    convert = prepare_module.convert_split
+
+    def convert_on_a_full_disk(out, *args, **kwargs):
+        if not (disk / "filler").exists():
+            fill(disk, leave=3_000_000)
+        return convert(out, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "convert_split", convert_on_a_full_disk)
+    prepare(demo_raw, disk / "store", skip_bad=True, workers=2)
+    for name in ("images.npy", "labels.npy", "crc32.npy"):
+        assert (disk / "store" / "train" / name).read_bytes() == (demo_store / "train" / name).read_bytes()
+
+
+def test_a_dead_worker_stops_the_prepare_with_a_message(tmp_path):
+    raw, store = big_jpegs(tmp_path / "raw", 160), tmp_path / "store"
+    process = subprocess.Popen(command("repro-prepare", f"raw={raw}", f"store={store}", "workers=1", "draft=false"),
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Rows go to the one worker in chunks of 32: once one chunk is done, the worker holds the next.
+        wait_for(lambda: 32 <= rows_done(store) < 160, what="the first chunk")
+        worker = [pid for pid in descendants(process.pid) if is_worker(pid)]
+        os.kill(worker[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        _, stderr = process.communicate(timeout=120)  # a hang (multiprocessing.Pool) fails here
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2 and "Traceback" not in stderr
+    assert "repro-prepare: error: a worker process died" in stderr and "run the same command again" in stderr
+
+
+# -- 2. a damaged checkpoint ---------------------------------------------------------------------------------------
+
+
+def tensor_data(path: Path) -> tuple[int, int]:
+    """(offset, size) of the largest tensor's bytes inside the checkpoint file `path` (a stored zip member)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def flip_bytes(path: Path) -> None:
+    offset, size = tensor_data(path)
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 2)
+        data = f.read(8)
+        f.seek(offset + size // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+DAMAGE = {"flipped bytes in a tensor": flip_bytes,
+          "truncated": lambda p: os.truncate(p, p.stat().st_size // 2),
+          "empty": lambda p: os.truncate(p, 0)}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_naming_the_intact_previous_one(tmp_path, damage):
+    last = tmp_path / "last.pt"
+    for step in (1, 2):
+        save_checkpoint(last, {"model": {"w": torch.full((4096,), float(step))}, "global_step": step},
+                        keep_previous=True)
+    assert torch.load(tmp_path / "last.prev.pt", weights_only=True)["global_step"] == 1
+    DAMAGE[damage](last)
+    if damage == "flipped bytes in a tensor":
+        torch.load(last, weights_only=True)  # the fault: torch checks no CRC, so this loads without a word
+    with pytest.raises(RunError, match=rf"checkpoint {re.escape(str(last))} is damaged \(.*\); "
+                                       rf"{re.escape(str(tmp_path / 'last.prev.pt'))} \(step 1\) is intact: "
+                                       rf"`cp .*last.prev.pt .*last.pt` and run the same command to resume"):
+        load_checkpoint(last)
+    flip_bytes(tmp_path / "last.prev.pt")
+    with pytest.raises(RunError, match="no intact checkpoint is left beside it"):
+        load_checkpoint(last)
+
+
+@pytest.mark.slow
+def test_a_run_refuses_its_damaged_last_checkpoint_and_resumes_from_a_lone_previous_one(demo_store, tmp_path):
+    train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1"))  # saves at steps 2 and 4, and at the epoch's end
+    (tmp_path / "metrics.json").unlink()  # so that the longer run below evaluates and writes its own
+    checkpoints = tmp_path / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"last.pt", "last.prev.pt", "best.pt"}
+    flip_bytes(checkpoints / "last.pt")
+    with pytest.raises(RunError, match=r"last.pt is damaged .*(last.prev|best).pt \(step 4\) is intact"):
+        train(tiny_cfg(demo_store, tmp_path))
+    assert "is damaged" in json.loads((tmp_path / "failed.json").read_text())["error"]
+    (checkpoints / "last.pt").unlink()  # as a stop between the two renames of a save leaves it
+    metrics = train(tiny_cfg(demo_store, tmp_path))
+    assert metrics["epoch"] == 2 and metrics["step"] == 8
+    assert "last.pt is missing but" in (tmp_path / "train.log").read_text()
+
+
+# -- 3. two processes on one folder, and unique temporaries -------------------------------------------------------
+
+
+def test_a_second_training_process_on_a_run_folder_is_refused_naming_the_first(demo_store, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(command("repro-train", "experiment=tiny", f"data.store={demo_store}",
+                                     f"hydra.run.dir={run}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: f"pid {first.pid} " in read_or_empty(run / ".lock")
+                 and (run / ".hydra" / "overrides.yaml").is_file(), what="the first run's lock")
+        overrides = (run / ".hydra" / "overrides.yaml").read_text()
+        second = subprocess.run(command("repro-train", "experiment=tiny", f"data.store={demo_store}",
+                                        f"hydra.run.dir={run}", "optim.lr=0.02"), capture_output=True, text=True,
+                                timeout=120)
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert re.match(rf"repro-train: error: {re.escape(str(run))} is in use by pid {first.pid} on "
+                    rf"{re.escape(socket.gethostname())} \(a training run, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)",
+                    second.stderr)
+    assert (run / ".hydra" / "overrides.yaml").read_text() == overrides  # the first run's record is untouched
+    assert not (run / "failed.json").exists()
+    with locked(run, "check"):  # the kill released the lock
+        pass
+
+
+def test_a_second_prepare_into_a_store_is_refused_naming_the_first(tmp_path):
+    raw, store = big_jpegs(tmp_path / "raw", 80), tmp_path / "store"
+    first = subprocess.Popen(command("repro-prepare", f"raw={raw}", f"store={store}", "workers=1", "draft=false"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: f"pid {first.pid} " in read_or_empty(store / ".lock"), what="the first prepare's lock")
+        second = subprocess.run(command("repro-prepare", f"raw={raw}", f"store={store}", "workers=1"),
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first prepare ended before the second started"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"error: {store} is in use by pid {first.pid} on {socket.gethostname()} (a store preparation" in \
+        second.stderr
+
+
+def test_the_lock_is_held_across_processes_and_reentrant_within_one(tmp_path):
+    holder = subprocess.Popen(command("python", "-c", "import sys, time; from repro.io import locked\n"
+                                      f"with locked(__import__('pathlib').Path({str(tmp_path)!r}), 'test'):\n"
+                                      "    print('held', flush=True); time.sleep(60)"), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(FolderBusyError, match=rf"is in use by pid {holder.pid} on .* \(a test, started"):
+            with locked(tmp_path, "test"):
+                pass
+        with pytest.raises(FolderBusyError):
+            train(tiny_cfg("nowhere", tmp_path))  # refused before it touches the folder
+        assert not (tmp_path / "train.log").exists() and not (tmp_path / "failed.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(tmp_path, "test"), locked(tmp_path, "test"):
+        pass
+
+
+def test_temporaries_have_names_of_their_own_and_stale_ones_are_removed(tmp_path):
+    names = []
+    for _ in range(2):
+        atomic_write(tmp_path / "file", lambda f: names.append(Path(f.name).name))
+    assert names[0] != names[1] and all(name.startswith(".file.") and name.endswith(".tmp") for name in names)
+    (tmp_path / "sub").mkdir()
+    stale = [tmp_path / ".last.pt.123.0a1b2c3d.tmp", tmp_path / "sub" / ".labels.npy.9.ffffffff.tmp"]
+    for path in stale:
+        path.write_bytes(b"left by a killed writer")
+    remove_temporaries(tmp_path)
+    assert not any(path.exists() for path in stale) and (tmp_path / "file").exists()
+
+
+# -- 4. a full disk during training --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("room", [0, 1000, 3_000_000])
+def test_a_write_on_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, room):
+    path = tmp_path / "failed.json"
+    write_json(path, {"before": 1})
+    with pytest.raises(DiskFullError, match=rf"disk full: {re.escape(str(path))} could not be written \(.* free "
+                                            r"on its disk\)"):
+        atomic_write(path, lambda f: FullDisk(f, room).write(b"x" * 4_000_000))
+    with pytest.raises(DiskFullError, match="disk full"):  # torch.save's own error wraps the OSError
+        atomic_write(path, lambda f: torch.save({"w": torch.zeros(1_000_000)}, FullDisk(f, room)))
+    assert json.loads(path.read_text()) == {"before": 1} and not temporaries(tmp_path)
+
+
+def test_a_full_disk_during_training_says_so_and_leaves_no_temporaries(demo_store, tmp_path, monkeypatch):
+    save, saves = torch.save, []
+
+    def save_on_a_disk_that_fills_up(obj, f, *args, **kwargs):
+        saves.append(f.name)
+        return save(obj, f if len(saves) < 2 else FullDisk(f, 1_000_000), *args, **kwargs)  # 1 of ~7 MB
+
+    stale = tmp_path / "checkpoints" / ".last.pt.1.00000000.tmp"  # a killed run's, removed at the start
+    stale.parent.mkdir()
+    stale.write_bytes(b"x")
+    monkeypatch.setattr(torch, "save", save_on_a_disk_that_fills_up)
+    with pytest.raises(RunError, match=r"^disk full: .*last.pt could not be written \(.* free on its disk\); "
+                                       r".*last.pt \(step 2\) is intact: free some space and run the same command"):
+        train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1"))
+    assert not temporaries(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["global_step"] == 2
+    assert json.loads((tmp_path / "failed.json").read_text())["error"].startswith("disk full")
+
+
+@pytest.mark.slow
+def test_training_on_a_really_full_disk_resumes_exactly_once_space_is_freed(demo_store, tiny_run, tmpfs,
+                                                                            monkeypatch):
+    from repro.run import Run
+
+    disk, save = tmpfs("100m"), Run.save  # four checkpoints of 7 MB (experiment=tiny) at the peak of a save
+
+    def save_then_fill_the_disk(run, best=False):
+        save(run, best)
+        if not (disk / "filler").exists():
+            fill(disk, leave=100_000)
+
+    monkeypatch.setattr(Run, "save", save_then_fill_the_disk)
+    with pytest.raises(RunError, match=r"disk full: .*last.pt could not be written .*\(step 2\) is intact"):
+        train(tiny_cfg(demo_store, disk / "run"))
+    assert not temporaries(disk)
+    monkeypatch.undo()
+    (disk / "filler").unlink()
+    train(tiny_cfg(demo_store, disk / "run"))
+    resumed = torch.load(disk / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(tiny_run[0] / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+# -- 5. damaged raw data -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_demo(tmp_path) -> tuple[Path, list[str]]:
+    raw = tmp_path / "raw"
+    info = make_demo_data(raw, num_classes=2, train_per_class=3, val_per_class=2, seed=0)
+    return raw, info["wnids"]
+
+
+def replace_class_archive(raw: Path, wnid: str, data: bytes) -> None:
+    """The train tar with `wnid`.tar's bytes replaced by `data`."""
+    with tarfile.open(raw / TRAIN_TAR) as outer:
+        members = [(m, outer.extractfile(m).read()) for m in outer if m.isfile()]
+    with tarfile.open(raw / TRAIN_TAR, "w", format=tarfile.GNU_FORMAT) as outer:
+        for member, content in members:
+            content = data if member.name == f"{wnid}.tar" else content
+            member.size = len(content)
+            outer.addfile(member, io.BytesIO(content))
+
+
+def empty_tar() -> bytes:
+    buffer = io.BytesIO()
+    tarfile.open(fileobj=buffer, mode="w").close()
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, problem", [(b"", "not a tar archive"), (b"no tar at all" * 100, "not a tar archive"),
+                                           (empty_tar(), "no images in it")])
+def test_an_unusable_class_archive_is_named_and_can_be_skipped(small_demo, tmp_path, data, problem, caplog):
+    raw, wnids = small_demo
+    replace_class_archive(raw, wnids[0], data)
+    with pytest.raises(PrepareError, match=rf"{TRAIN_TAR}: 1 class archive\(s\) cannot be used:\n  {wnids[0]}.tar: "
+                                           rf"{problem}.*\nDownload {TRAIN_TAR} again, or add skip_bad=true"):
+        prepare(raw, tmp_path / "store", workers=1)
+    assert not (tmp_path / "store" / "train").exists()  # refused before any conversion
+    manifest = prepare(raw, tmp_path / "store", skip_bad=True, workers=1)
+    assert [a["file"] for a in manifest["splits"]["train"]["skipped_archives"]] == [f"{wnids[0]}.tar"]
+    assert manifest["splits"]["train"]["rows"] == 3  # the other class's images
+    assert f"left out {wnids[0]}.tar: {problem}" in caplog.text
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_damaged_devkit_is_named(small_demo, tmp_path, skip_bad):
+    raw, _ = small_demo
+    devkit = raw / DEVKIT_TAR
+    os.truncate(devkit, devkit.stat().st_size // 2)
+    with pytest.raises(PrepareError, match=rf"devkit archive .*{DEVKIT_TAR} is damaged .*download {DEVKIT_TAR} "):
+        prepare(raw, tmp_path / "store", skip_bad=skip_bad, workers=1)
+    devkit.unlink()
+    write_devkit(raw / "ILSVRC2012_devkit_t12", {1: "n00000001"}, [1])
+    (raw / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").write_bytes(b"MATLAB 5.0 MAT-file, damaged" + bytes(200))
+    with pytest.raises(PrepareError, match=r"devkit .*ILSVRC2012_devkit_t12: data/meta.mat or the ground truth could "
+                                           r"not be read \(.*\); the devkit is damaged"):
+        prepare(raw, tmp_path / "store", skip_bad=skip_bad, workers=1)
+
+
+def test_a_missing_devkit_is_named_as_such(small_demo, tmp_path):
+    raw, _ = small_demo
+    (raw / DEVKIT_TAR).unlink()
+    with pytest.raises(PrepareError, match=rf"holds {TRAIN_TAR} but no devkit, which lists its classes: put "
+                                           rf"{DEVKIT_TAR}"):
+        prepare(raw, tmp_path / "store", workers=1)
+
+
+# -- 6. bad values -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-0.01", "optim.lr=-0.01: must be above 0"),
+    ("optim.lr=nan", "optim.lr=nan: must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number"),
+    ("optim.momentum=1.5", "optim.momentum=1.5: must be below 1"),
+    ("data.limit_train=-5", "data.limit_train=-5: must be at least 1"),
+    ("seed=-1", "seed=-1: must be at least 0"),
+    ("data.workers=-1", "data.workers=-1: must be at least 0"),
+    ("schedule.milestones=[24,-1]", r"schedule.milestones=\[24, -1\]: each value must be at least 0"),
+])
+def test_bad_values_are_refused_naming_the_key(demo_store, tmp_path, override, message):
+    with pytest.raises(RunError, match=f"^{message}$"):
+        train(tiny_cfg(demo_store, tmp_path, override))
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything started
+
+
+def limited_fields(node: DictConfig, prefix: str = ""):
+    """(key, type name, rule, bound) of every numeric setting with limits under `node`."""
+    for spec in dataclasses.fields(OmegaConf.get_type(node)):
+        if not OmegaConf.is_missing(node, spec.name) and isinstance(node[spec.name], DictConfig):
+            yield from limited_fields(node[spec.name], f"{prefix}{spec.name}.")
+        for rule, bound in spec.metadata.get("limits", {}).items():
+            yield f"{prefix}{spec.name}", str(spec.type), rule, bound
+
+
+SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, **TOOL_CONFIGS}
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_every_limit_of_every_schema_is_enforced(name):
+    cfg = OmegaConf.structured(SCHEMAS[name])
+    fields = list(limited_fields(cfg))
+    if name in ("train", "eval", "prepare", "figures", "figure1"):
+        assert fields
+    for key, kind, rule, bound in fields:
+        step = 0.5 if "float" in kind else 1
+        bad = {"at_least": bound - step, "above": bound, "below": bound, "at_most": bound + step}[rule]
+        broken = cfg.copy()
+        OmegaConf.update(broken, key, [bad] if "List" in kind else bad)
+        with pytest.raises(RunError, match=rf"^{re.escape(key)}=.*must be {rule.replace('_', ' ')} "):
+            validate(broken)
+    for key, kind, _, _ in fields:
+        if "float" in kind:
+            broken = cfg.copy()
+            OmegaConf.update(broken, key, [math.nan] if "List" in kind else math.inf)
+            with pytest.raises(RunError, match=rf"^{re.escape(key)}=.*must be a finite number"):
+                validate(broken)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml")))
+def test_every_experiment_passes_the_validation(experiment):
+    validate(train_config(f"experiment={experiment}", "data.store=x"))
+
+
+def test_the_other_commands_validate_their_settings(capsys):
+    assert prepare_main(["raw=x", "store=y", "workers=0"]) == 2
+    assert capsys.readouterr().err.strip() == "repro-prepare: error: workers=0: must be at least 1"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["checkpoint=nowhere.pt", "batch_size=0"])
+    with pytest.raises(RunError, match="^batch_size=0: must be at least 1$"):  # before it looks for the file
+        evaluate_checkpoint(cfg)
+
+
+def test_a_non_finite_rate_on_the_command_line_is_one_line(demo_store, tmp_path):
+    result = subprocess.run(command("repro-train", "experiment=tiny", f"data.store={demo_store}", "optim.lr=nan",
+                                    f"hydra.run.dir={tmp_path}"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "repro-train: error: optim.lr=nan: must be a finite number"
+
+
+# -- 7. the wrong store --------------------------------------------------------------------------------------------
+
+
+def test_evaluating_on_a_store_with_other_classes_is_refused(demo_store, tiny_run, tmp_path):
+    other = tmp_path / "other"
+    prepare(small_raw(tmp_path / "raw"), other, workers=1)
+    checkpoint = tiny_run[0] / "checkpoints" / "best.pt"
+    assert torch.load(checkpoint, weights_only=True, mmap=True)["classes"] == PreparedStore(demo_store).classes
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[f"checkpoint={checkpoint}", f"store={other}"])
+    with pytest.raises(RunError, match=rf"{re.escape(str(checkpoint))} was trained on other classes than the store "
+                                       rf"{re.escape(str(other))} holds \(4 classes, the store 2\); use the store it "
+                                       "was trained on"):
+        evaluate_checkpoint(cfg)
+
+
+def test_the_class_lists_are_compared_where_checkpoints_record_them():
+    config = {"model": {"num_classes": 2}, "data": {"store": "s"}}
+    check_classes({"config": config, "classes": ["a", "b"]}, Path("c.pt"), ["a", "b"], Path("s"))
+    check_classes({"config": config}, Path("c.pt"), ["a", "b"], Path("s"))  # older checkpoints: the number only
+    with pytest.raises(RunError, match=r"the same number of classes, in another order or not the same ones"):
+        check_classes({"config": config, "classes": ["a", "b"]}, Path("c.pt"), ["b", "a"], Path("s"))
+    with pytest.raises(RunError, match=r"\(2 classes, the store 3\)"):
+        check_classes({"config": config}, Path("c.pt"), ["a", "b", "c"], Path("s"))
