@@ -139,6 +139,8 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines and loss checks
     flat_loss_steps: int = 2000  # warn when the loss sits at ln(classes) this many steps
     dist_backend: Optional[str] = None  # torchrun only; null: gloo for CPU tensors, NCCL for CUDA ones
+    # signals that stop training at the end of the current step, with last.pt saved (repro/loop.py, StopSignals)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"])
 
 
 @dataclass
