@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+TESTED := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
@@ -28,10 +29,15 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 install: $(INSTALLED) ## create .venv and install repro (editable) with its test extra
 
-test: $(INSTALLED) ## the test suite without the slow tests (sets itself up first)
+# The tests also cover the sweeps' SLURM and GPU-pair launchers, so they install the optional cluster extra too.
+$(TESTED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e '.[test,cluster]'
+	touch $@
+
+test: $(TESTED) ## the test suite without the slow tests (sets itself up first)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(INSTALLED) ## every test, the slow ones included
+test-all: $(TESTED) ## every test, the slow ones included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 train: prepare-demo ## the whole job on the demo data: generate, prepare, train, 10-patch eval, result table
@@ -67,20 +73,33 @@ figures: $(INSTALLED) ## the paper's Figures 3 and 4 into RUN/figures/: make fig
 tb: $(INSTALLED) ## TensorBoard over every run in runs/ and multirun/
 	$(BIN)/tensorboard --logdir_spec runs:runs,multirun:multirun
 
-# Ablation sweeps (conf/ablation/): each runs the baseline and the variant(s) one after another on the same devices,
-# as one Hydra multirun into SWEEP, then writes its summary. EXPERIMENT=demo or tiny for a quick look; STORE=... to
-# use another prepared store; SEEDS=0,1,2 for repeats; SWEEP=<an earlier sweep folder> to resume it.
+# Ablation sweeps (conf/ablation/): each runs the baseline and the variant(s) as one Hydra multirun into SWEEP, then
+# writes its summary. EXPERIMENT=demo or tiny for a quick look; STORE=... to use another prepared store; SEEDS=0,1,2
+# for repeats; SWEEP=<an earlier sweep folder> to resume it. LAUNCHER (docs/ablations.md): basic runs the jobs one
+# after another on this box's GPUs (Hydra's own launcher); pairs runs one job per GPU pair of this box at once, and
+# slurm submits one SLURM job per sweep point (both need pip install -e '.[cluster]'; SLURM keys through ARGS, e.g.
+# ARGS='hydra.launcher.partition=gpu hydra.launcher.timeout_min=2880'). With slurm the command returns once it has
+# started the sweep's driver in the background (it waits for the jobs, then writes the summary; SWEEP/sweep.log).
 EXPERIMENT ?= paper
 SEEDS ?= 0
+LAUNCHER ?= basic
 ABLATION_DEPS := $(INSTALLED) $(if $(filter demo tiny,$(EXPERIMENT)),prepare-demo)  # the demo store, made if missing
 define ablate
+	@case "$(LAUNCHER)" in basic) ;; pairs|slurm) $(BIN)/python -c 'import hydra_plugins.hydra_submitit_launcher' \
+	    2>/dev/null || { echo "LAUNCHER=$(LAUNCHER) needs hydra-submitit-launcher: $(BIN)/pip install -e '.[cluster]'" >&2; \
+	    exit 2; };; *) echo "LAUNCHER=$(LAUNCHER): one of basic, pairs, slurm" >&2; exit 2;; esac
 	sweep=$(or $(SWEEP),multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)); \
-	$(BIN)/repro-train --multirun experiment=$(EXPERIMENT) name=$(1) ablation=$(2) seed=$(SEEDS) \
-	    $(if $(filter-out file,$(origin STORE)),data.store=$(STORE)) hydra.sweep.dir=$$sweep $(ARGS); status=$$?; \
-	$(BIN)/repro-ablation-report sweep=$$sweep && exit $$status
+	ablate() { $(BIN)/repro-train --multirun experiment=$(EXPERIMENT) name=$(1) ablation=$(2) seed=$(SEEDS) \
+	    $(if $(filter-out file,$(origin STORE)),data.store=$(STORE)) hydra.sweep.dir=$$sweep \
+	    $(if $(filter-out basic,$(LAUNCHER)),hydra/launcher=$(LAUNCHER)) $(ARGS); status=$$?; \
+	    $(BIN)/repro-ablation-report sweep=$$sweep && return $$status; }; \
+	if [ "$(LAUNCHER)" = slurm ]; then \
+	    mkdir -p $$sweep; (trap '' HUP; ablate) < /dev/null > $$sweep/sweep.log 2>&1 & \
+	    echo "the sweep's driver (pid $$!, in the background; it survives logging out) submits the jobs, waits for them and writes the summary: $$sweep/sweep.log; squeue -u $$USER; make ablation-report SWEEP=$$sweep at any time"; \
+	else ablate; fi
 endef
 
-ablate-lrn: $(ABLATION_DEPS) ## with and without response normalisation (§3.3): make ablate-lrn [EXPERIMENT=demo] [STORE=...]
+ablate-lrn: $(ABLATION_DEPS) ## with and without response normalisation (§3.3): make ablate-lrn [EXPERIMENT=demo] [STORE=...] [LAUNCHER=pairs|slurm]
 	$(call ablate,ablate-lrn,baseline$(comma)no_lrn)
 
 ablate-pool: $(ABLATION_DEPS) ## overlapping 3x3/2 vs 2x2/2 pooling (§3.4)
@@ -95,7 +114,7 @@ ablate-pca: $(ABLATION_DEPS) ## with and without PCA colour noise (§4.1)
 ablate-dropout: $(ABLATION_DEPS) ## with and without dropout (§4.2)
 	$(call ablate,ablate-dropout,baseline$(comma)no_dropout)
 
-ablations: $(ABLATION_DEPS) ## all five ablations in one sweep with one shared baseline (6 runs)
+ablations: $(ABLATION_DEPS) ## all five ablations in one sweep with one shared baseline (6 runs) [LAUNCHER=pairs|slurm]
 	$(call ablate,ablations,baseline$(comma)no_lrn$(comma)no_overlap_pool$(comma)one_tower$(comma)no_pca$(comma)no_dropout)
 
 ablation-report: $(INSTALLED) ## summary.md/.json/.png of a sweep: make ablation-report SWEEP=multirun/<name>/<time>

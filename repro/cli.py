@@ -4,7 +4,9 @@ Settings are key=value, typed by the schemas in repro/config.py and parsed by Hy
 `model.lrn=false` and `which=[conv1]` read the same everywhere); `COMMAND --help` lists them. A problem the user
 can fix (`repro.errors.ReproError`) ends a command with one line on stderr and exit status 2. `repro-train` and
 `repro-eval` are Hydra apps (run folders, `--multirun` sweeps, in which a failed job is recorded and the others
-go on); the other commands compose their settings with Hydra's compose API and write no Hydra folders.
+go on); the other commands compose their settings with Hydra's compose API and write no Hydra folders. Training
+stopped by a signal (`repro.loop.Stopped`, last.pt saved) ends with one logged line and status 128 + the signal's
+number, after the launcher's own handler of the signal, if any, has had it (submitit's requeues the job).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from repro.distributed import World
 from repro.errors import FolderBusyError, ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
 from repro.io import locked
+from repro.launchers import own_gpu_pair, share_visible_gpus
+from repro.loop import Stopped
 from repro.preflight import preflight
 from repro.prepare import prepare
 from repro.progress import setup_logging
@@ -53,6 +57,8 @@ def entry_point(tool: str):
             except ReproError as error:
                 fail(tool, error)
                 return 2
+            except Stopped as stop:  # its one line is logged
+                return stop.hand_over()
         return run
     return decorate
 
@@ -96,6 +102,7 @@ def train_main() -> None:
     from hydra.types import RunMode
 
     world = World.from_env()
+    share_visible_gpus()  # for the jobs of LAUNCHER=pairs (repro/launchers.py)
     if not world.main:
         # Only rank 0's Hydra makes the run folder (its ${now} name may differ here); train() shares it.
         sys.argv = [a for a in sys.argv if not a.lstrip("+~").startswith("hydra.run.dir=")] + [
@@ -106,15 +113,19 @@ def train_main() -> None:
         setup_logging()
         if cfg.run_dir is None:
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+        tool = f"repro-train{f' (rank {world.rank})' if world.launched else ''}"
         try:
-            metrics = train(cfg)
+            with own_gpu_pair(HydraConfig.get()):
+                metrics = train(cfg)
             if world.main:
                 print(write_report(cfg.run_dir))
         except ReproError as error:
-            fail(f"repro-train{f' (rank {world.rank})' if world.launched else ''}", error)
+            fail(tool, error)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise  # Hydra marks the job failed and goes on with the sweep's other jobs (an exit would stop them)
             sys.exit(2)
+        except Stopped as stop:
+            sys.exit(stop.hand_over())  # its one line is logged; in a basic launcher's sweep the sweep stops too
         return metrics["top1_err_10crop"]
 
     # Lock a run folder named on the command line before Hydra writes its .hydra/ there: a second process must not

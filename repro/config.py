@@ -182,6 +182,8 @@ class TrainConfig:
     log_every: int = limited(50, at_least=1)  # steps between log lines and loss checks
     flat_loss_steps: int = limited(2000, at_least=1)  # warn when the loss sits at ln(classes) this many steps
     dist_backend: Optional[str] = None  # torchrun only; null: gloo for CPU tensors, NCCL for CUDA ones
+    # signals that stop training at the end of the current step, with last.pt saved (repro/loop.py, StopSignals)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"])
 
 
 @dataclass

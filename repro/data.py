@@ -8,6 +8,7 @@ any device and after any resume.
 
 from __future__ import annotations
 
+import signal
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -58,6 +59,20 @@ class EpochBatches(Dataset):
         return torch.from_numpy(batch), torch.from_numpy(self.labels[rows])
 
 
+# The signals a terminal (Ctrl-C, a closed window) or SLURM (SIGTERM, --signal) sends to every process of a job.
+# A data worker ignores them: it ends with its parent (through the loader, or torch's watchdog once the parent is
+# gone), because a worker killed by one makes the parent fail ("DataLoader worker is killed by signal") even when
+# the parent stops cleanly on it (repro/loop.py, StopSignals). torch's workers die on a SIGTERM that does not come
+# from their parent (torch/utils/data/_utils/signal_handling.py, its NOTE).
+WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_signals(worker_id: int) -> None:
+    """A data worker's set-up (`worker_init_fn`, run after torch's own signal handlers are set)."""
+    for signum in WORKER_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_step: int = 0,
             shuffle: bool = True, drop_last: bool = True, workers: int = 2, pin_memory: bool = False,
             prefetch: int = 4, shard: tuple[int, int] = (0, 1)) -> DataLoader:
@@ -68,7 +83,8 @@ def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_
     slices of step s together are exactly the one-process batch of step s."""
     dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last, shard)
     return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)), num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=prefetch if workers else None)
+                      pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
+                      worker_init_fn=ignore_signals)
 
 
 def step_rng(seed: int, epoch: int, step: int, stream: int = 1) -> np.random.Generator:

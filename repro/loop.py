@@ -3,12 +3,18 @@ evaluation that drives the schedule.
 
 Every random draw of a step (crop, flip, colour noise, dropout) is seeded by (seed, epoch, step), so a resumed run
 takes exactly the steps an uninterrupted one would have. The host reads the device once per log window.
+
+A signal of `cfg.stop_signals` (Ctrl-C, SLURM's SIGTERM on preemption, submitit's SIGUSR2 before a time limit) stops
+the epochs cleanly: the current step (or the epoch's evaluation) finishes, `last.pt` is written, and `Stopped`
+leaves the loop; the entry point then hands the signal to the launcher's own handler (docs/ablations.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 
 import torch
@@ -76,17 +82,94 @@ class Window:
                 "images_per_s": self.images / seconds, "data_wait": self.data_wait / seconds}
 
 
+class Stopped(BaseException):
+    """Training stopped on a signal, with `last.pt` holding where: not an error (the same command resumes), so, like
+    KeyboardInterrupt, not an Exception, and nothing marks the run failed."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    def hand_over(self) -> int:
+        """Give the signal to the handler that was there before training, now restored: a launcher's, e.g.
+        submitit's on SIGUSR2, which requeues the job and exits (submitit/core/job_environment.py,
+        SignalHandler.checkpoint_and_try_requeue). Python's own SIGINT handler is left out: it would only raise
+        KeyboardInterrupt. Returns the status to exit with when the handler returns (or there is none): the
+        shell's for a process ended by the signal, 130 for Ctrl-C, 143 for SIGTERM."""
+        handler = signal.getsignal(self.signum)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(self.signum, None)
+        return 128 + self.signum
+
+
+class StopSignals:
+    """While installed, each of `names` (signal names, e.g. SIGTERM) only records that it came; `requested` says
+    when to stop. The handlers that were there before are put back by `restore`."""
+
+    def __init__(self, names):
+        self.signals = []
+        for name in names:
+            if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+                raise RunError(f"stop_signals: {name!r} is not a signal a process can catch (e.g. SIGTERM, SIGINT, "
+                               "SIGUSR1); [] turns the clean stop off")
+            self.signals.append(signal.Signals[name])
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.previous = {s: signal.signal(s, self.catch) for s in self.signals}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def catch(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def requested(self, world, at_window_end: bool) -> int | None:
+        """The signal to stop on, if any. One process stops after any step; under torchrun the processes agree at
+        the end of a log window (where they already exchange the loss), so that every rank stops at the same step
+        and none waits in a collective for the others."""
+        if not world.launched:
+            return self.received
+        if not at_window_end:
+            return None
+        return next((s for s in world.gather(self.received) if s is not None), None)
+
+
 class Loop:
-    """Runs the epochs of `run`, writing TensorBoard through `writer` (a no-op one on ranks other than 0)."""
+    """Runs the epochs of `run`, writing TensorBoard through `writer` (a no-op one on ranks other than 0). Used as a
+    context manager, it catches `cfg.stop_signals` for its duration."""
 
     def __init__(self, run: Run, writer):
         self.run, self.writer = run, writer
         self.flat_loss = FlatLossWatch(run.num_classes, run.cfg.flat_loss_steps)
         self.images, self.seconds = 0, 0.0  # trained here, for the run's images/s
+        self.stop = StopSignals(run.cfg.stop_signals)
+
+    def __enter__(self) -> "Loop":
+        self.stop.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.restore()
 
     def epoch(self) -> None:
         self.train_epoch()
-        self.end_epoch()
+        self.end_epoch()  # a signal during the epoch's evaluation waits for its checkpoint: nothing is lost
+        self.stop_if_requested(self.stop.requested(self.run.world, at_window_end=True))
+
+    def stop_if_requested(self, signum: int | None) -> None:
+        """Raise Stopped when a stop signal came; `last.pt` is up to date by then."""
+        if signum is None:
+            return
+        run = self.run
+        message = (f"stopped by {signal.Signals(signum).name} at epoch {run.epoch} step {run.step} (global step "
+                   f"{run.global_step}); {run.checkpoints / 'last.pt'} holds it and the same command resumes there")
+        log.info(message)
+        raise Stopped(signum, message)
 
     def train_epoch(self) -> None:
         run, cfg = self.run, self.run.cfg
@@ -119,11 +202,14 @@ class Loop:
                 run.step, run.global_step = run.step + 1, run.global_step + 1
                 bar.update(1)
                 checkpoint_due = run.global_step % cfg.checkpoint_every == 0
-                if window.steps == cfg.log_every or checkpoint_due or run.step == run.steps_per_epoch:
+                window_end = window.steps == cfg.log_every or checkpoint_due or run.step == run.steps_per_epoch
+                stop = self.stop.requested(run.world, window_end)
+                if window_end or stop is not None:
                     self.report(window.close(run.world), bar)
                     window = Window(run.devices[0])
-                    if checkpoint_due:
+                    if checkpoint_due or stop is not None:
                         run.save()
+                self.stop_if_requested(stop)
                 waited = time.perf_counter()
 
     def report(self, stats: dict, bar: Progress) -> None:

@@ -108,9 +108,9 @@ def _train(cfg: DictConfig, world: World) -> dict:
     # a resumed run replays everything after its checkpoint at global_step, whose own events are kept
     with (SummaryWriter(run.dir / "tb", purge_step=run.global_step + 1 if run.resumed else None) if world.main
           else NoWriter()) as writer:
-        loop = Loop(run, writer)
-        while not run.schedule.finished:
-            loop.epoch()
+        with Loop(run, writer) as loop:  # a stop signal ends it at a step's end, with last.pt saved (repro/loop.py)
+            while not run.schedule.finished:
+                loop.epoch()
         metrics_path = run.dir / "metrics.json"
         if metrics_path.is_file():  # finished before; nothing left to do
             return json.loads(metrics_path.read_text())

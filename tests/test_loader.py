@@ -1,10 +1,15 @@
-"""The loader: a seeded order per epoch, resumable at any step, the skipped files left out."""
+"""The loader: a seeded order per epoch, resumable at any step, the skipped files left out, workers that outlive
+the signals sent to a whole job."""
+
+import multiprocessing
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from repro.data import batches
+from repro.data import WORKER_IGNORES, batches
 from repro.errors import StoreError
 from repro.store import PreparedStore
 
@@ -30,6 +35,21 @@ def test_same_seed_same_batches_and_every_row_once(demo_store):
     sums = sorted(int(x) for x in images.reshape(len(images), -1).sum(1, dtype=torch.int64))
     expected = sorted(int(store[r].sum(dtype=np.int64)) for r in split.rows)
     assert sums == expected
+
+
+def test_workers_ignore_the_signals_sent_to_every_process_of_a_job(demo_store):
+    # A terminal's Ctrl-C or SLURM's SIGTERM reaches the data workers too; a worker they killed would make the
+    # training process fail ("DataLoader worker is killed by signal") while it stops cleanly (repro/loop.py).
+    split = PreparedStore(demo_store).split("train")
+    expected = collect(batches(split, 4, seed=0, workers=0))
+    loader = iter(batches(split, 4, seed=0, workers=1, prefetch=1))
+    got = [next(loader)]
+    (worker,) = multiprocessing.active_children()
+    for signum in WORKER_IGNORES:
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    got += list(loader)
+    assert len(got) == len(expected) and all(torch.equal(a, b) for (a, _), (b, _) in zip(got, expected))
 
 
 def test_resume_at_step_k_gives_the_remaining_batches(demo_store):

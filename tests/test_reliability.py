@@ -267,8 +267,8 @@ def test_a_run_refuses_its_damaged_last_checkpoint_and_resumes_from_a_lone_previ
 def test_a_second_training_process_on_a_run_folder_is_refused_naming_the_first(demo_store, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(command("repro-train", "experiment=tiny", f"data.store={demo_store}",
-                                     f"hydra.run.dir={run}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+                                     f"hydra.run.dir={run}", "schedule.max_epochs=1000"),  # killed long before
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: f"pid {first.pid} " in read_or_empty(run / ".lock")
                  and (run / ".hydra" / "overrides.yaml").is_file(), what="the first run's lock")

@@ -14,7 +14,8 @@ import torch
 from helpers import command, tiny_cfg
 from repro.cli import report_main, resume_main
 from repro.errors import RunError
-from repro.loop import FlatLossWatch
+from repro.distributed import World
+from repro.loop import FlatLossWatch, StopSignals, Stopped
 from repro.train import train
 
 
@@ -90,11 +91,42 @@ def test_report_command(tiny_run, capsys):
     assert report_main([f"run_dir={run_dir.parent}"]) == 2 and "has not finished" in capsys.readouterr().err
 
 
-def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(demo_store, tmp_path):
-    args = ["experiment=tiny", f"data.store={demo_store}", "data.limit_train=24", "schedule.max_epochs=2"]
-    reference = tmp_path / "reference"
-    subprocess.run(repro_train(*args, f"hydra.run.dir={reference}"), check=True, capture_output=True, timeout=600)
+# Two epochs of 6 steps (deterministic): the run that the interrupted ones below must end with exactly.
+INTERRUPTED = ["experiment=tiny", "data.limit_train=24", "schedule.max_epochs=2"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_store, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(repro_train(*INTERRUPTED, f"data.store={demo_store}", f"hydra.run.dir={run_dir}"), check=True,
+                   capture_output=True, timeout=600)
+    return run_dir
+
+
+def assert_same_run(a, b):
+    """Two run folders ended with exactly the same weights, velocities and metrics."""
+    a_checkpoint = torch.load(a / "checkpoints" / "last.pt", weights_only=True)
+    b_checkpoint = torch.load(b / "checkpoints" / "last.pt", weights_only=True)
+    assert a_checkpoint["global_step"] == b_checkpoint["global_step"] == 12
+    for key in a_checkpoint["model"]:
+        assert torch.equal(a_checkpoint["model"][key], b_checkpoint["model"][key]), key
+    for i, state in a_checkpoint["optimizer"]["state"].items():
+        assert torch.equal(state["velocity"], b_checkpoint["optimizer"]["state"][i]["velocity"])
+    metrics_a = json.loads((a / "metrics.json").read_text())
+    metrics_b = json.loads((b / "metrics.json").read_text())
+    for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop", "history"):
+        assert metrics_a[key] == metrics_b[key], key
+
+
+def global_steps(run_dir) -> list[int]:
+    """The global steps train.log has reported so far (6 steps an epoch)."""
+    log = run_dir / "train.log"
+    return [int(e) * 6 + int(s) for e, s in re.findall(r"epoch (\d+) step (\d+)/6", log.read_text() if log.exists()
+                                                        else "")]
+
+
+def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(uninterrupted, demo_store, tmp_path):
+    args = [*INTERRUPTED, f"data.store={demo_store}"]
     killed = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
@@ -102,11 +134,9 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(demo_store, tmp
         process = subprocess.Popen(repro_train(*args, f"hydra.run.dir={killed}"), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
         target = rng.randint(1, 11)  # kill once the log shows at least this global step, at a random moment after
-        log_path, deadline = killed / "train.log", time.time() + 300
+        deadline = time.time() + 300
         while process.poll() is None and time.time() < deadline:
-            steps = [int(e) * 6 + int(s) for e, s in
-                     re.findall(r"epoch (\d+) step (\d+)/6", log_path.read_text() if log_path.exists() else "")]
-            if steps and max(steps) >= target:
+            if max(global_steps(killed), default=0) >= target:
                 time.sleep(rng.uniform(0.0, 1.5))
                 break
             time.sleep(0.05)
@@ -117,18 +147,70 @@ def test_killed_runs_resume_to_exactly_the_uninterrupted_weights(demo_store, tmp
     assert kills >= 2, "the run finished before it could be killed twice"
     subprocess.run(repro_train(*args, f"hydra.run.dir={killed}"), check=True, capture_output=True, timeout=600)
     assert "resuming" in (killed / "train.log").read_text()
+    assert_same_run(uninterrupted, killed)
 
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 12
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for i, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["velocity"], b["optimizer"]["state"][i]["velocity"])
-    metrics_a = json.loads((reference / "metrics.json").read_text())
-    metrics_b = json.loads((killed / "metrics.json").read_text())
-    for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop", "history"):
-        assert metrics_a[key] == metrics_b[key], key
+
+def test_stop_signals_save_the_step_and_the_run_resumes_to_exactly_the_uninterrupted_weights(
+        uninterrupted, demo_store, tmp_path):
+    # Ctrl-C in the first epoch, then SIGTERM (SLURM's on preemption) in the second, each sent to the whole process
+    # group as a terminal or SLURM does (a data worker included); no periodic checkpoint, so only the stop saves.
+    args = [*INTERRUPTED, f"data.store={demo_store}", "data.workers=1", "log_every=1", "checkpoint_every=1000"]
+    stopped = tmp_path / "stopped"
+    for sig, target in ((signal.SIGINT, 2), (signal.SIGTERM, 8)):
+        process = subprocess.Popen(repro_train(*args, f"hydra.run.dir={stopped}"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while process.poll() is None and max(global_steps(stopped), default=0) < target and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, sig)
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 128 + sig, err[-3000:]
+        assert "Traceback" not in err and not (stopped / "failed.json").exists()
+        line = re.search(r"stopped by (\w+) at epoch (\d+) step (\d+) \(global step (\d+)\); (\S+) holds it", err)
+        assert line and line[1] == sig.name and line[5] == str(stopped / "checkpoints" / "last.pt"), err[-3000:]
+        checkpoint = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+        assert (checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]) == tuple(map(int, line.group(2, 3, 4)))
+        assert target <= checkpoint["global_step"] < 12 and checkpoint["step"] not in (0, 6)  # mid-epoch: the stop's
+    subprocess.run(repro_train(*args, f"hydra.run.dir={stopped}"), check=True, capture_output=True, timeout=600)
+    assert_same_run(uninterrupted, stopped)
+
+
+def test_a_stop_signal_is_recorded_then_handed_to_the_handler_that_was_there_before():
+    got = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))  # e.g. a launcher's
+    try:
+        stop = StopSignals(["SIGUSR1", "SIGUSR2"])
+        stop.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == signal.SIGUSR1 and got == []  # recorded only: the step goes on
+        assert stop.requested(World(), at_window_end=False) == signal.SIGUSR1  # one process: after any step
+        stop.restore()
+        assert Stopped(signal.SIGUSR1, "").hand_over() == 128 + signal.SIGUSR1 and got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    for signum, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        previous = signal.signal(signum, handler)  # Python's KeyboardInterrupt, the default death: not called
+        try:
+            assert Stopped(signum, "").hand_over() == 128 + signum
+        finally:
+            signal.signal(signum, previous)
+
+
+def test_processes_under_torchrun_stop_together_at_a_window_end():
+    class Rank1(World):  # rank 0 got the signal, rank 1 did not
+        def gather(self, value):
+            return [signal.SIGTERM, value]
+
+    stop = StopSignals([])
+    world = Rank1(rank=1, size=2, launched=True)
+    assert stop.requested(world, at_window_end=False) is None  # the ranks compare only where they meet anyway
+    assert stop.requested(world, at_window_end=True) == signal.SIGTERM
+
+
+@pytest.mark.parametrize("name", ["SIGFOO", "SIGKILL", "sigterm"])
+def test_a_stop_signal_that_cannot_be_caught_is_refused(name):
+    with pytest.raises(RunError, match=f"stop_signals: '{name}' is not a signal a process can catch"):
+        StopSignals([name])
 
 
 def test_checkpoints_resume_with_any_number_of_gpus(demo_store, tmp_path, monkeypatch):

@@ -73,7 +73,8 @@ def collect_jobs(sweep_dir: Path) -> list[dict]:
     for overrides in planned_jobs(sweep_dir):
         job = found.pop(tuple(sorted(overrides)), None)
         jobs.append(job or {"folder": None, "overrides": overrides, "config": {}, "status": "not started",
-                            "detail": "the sweep stopped before this job", "metrics": None})
+                            "detail": "no job folder yet: waiting in a queue (LAUNCHER=slurm), or the sweep stopped "
+                                      "before this job", "metrics": None})
     return jobs + list(found.values())
 
 
