@@ -134,10 +134,10 @@ prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagene
 preflight: $(INSTALLED) ## a new box's first command (numerics, placement, randomness, speed): make preflight [STORE=...] [ARGS=...]
 	$(BIN)/repro-preflight $(if $(or $(filter-out file,$(origin STORE)),$(wildcard $(STORE)/manifest.json)),store=$(STORE)) $(ARGS)
 
-bench-data: $(INSTALLED) ## data-pipeline benchmark; writes docs/benchmarks.{md,json}
-	$(BIN)/python tools/bench_data.py
+bench-data: $(INSTALLED) ## the data-pipeline section of make bench alone; writes docs/benchmarks.{md,json}
+	$(BIN)/python tools/bench.py --sections data
 
-bench: bench-data ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
+bench: $(INSTALLED) ## data, training and evaluation speed, GPU sections where there are GPUs; docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench.py
 
 figure1: $(INSTALLED) ## the paper's Figure 1 (ReLU vs tanh, CIFAR-10): make figure1 DATA=<class folders or CIFAR-10 root> [OUT=docs/figures] [ARGS=...]

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Compute benchmark (`make bench`, after `make bench-data`): in one run, side by side with interleaved repeats,
-the matrix-multiply peak, training images/s of the paper's two-tower network (plain and with each speed option)
+"""`make bench`: the data section (tools/bench_data.py; `make bench-data` runs it alone), then the compute section:
+in one run, side by side with interleaved repeats, the matrix-multiply peak, training images/s of the paper's two-tower network (plain and with each speed option)
 against torchvision's `alexnet` with the same loss and optimiser step, each one's achieved FLOP/s as a fraction of
 that peak, the 10-patch evaluation rate and the peak memory of a training step. On GPUs also the per-tower step,
 the cross-device copies, synthetic vs real input and images/s per GPU. Then the arithmetic for 2x A100, 2x H100 and
-2x RTX 4090. Results go to docs/benchmarks.json (section "compute"; "data" is kept) and docs/benchmarks.md.
+2x RTX 4090. Results go to docs/benchmarks.json (one entry per section; a section not measured is kept) and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -334,8 +335,13 @@ def save(section: str, results: dict, out: Path) -> str:
     return text
 
 
+SECTIONS = ("data", "compute")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="time per data throughput measurement")
     parser.add_argument("--batch", type=int, default=32, help="training batch size (both networks)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
@@ -347,7 +353,12 @@ def main(argv=None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.batch, args.devices.split(","))))
         return 0
-    print(save("compute", measure(args), args.out))
+    sections = [s for s in args.sections.split(",") if s]
+    if not sections or set(sections) - set(SECTIONS):
+        parser.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
+    for section in sections:  # in this order: the data section's numbers are per core, the compute section's not
+        text = save(section, bench_data.measure(args.seconds) if section == "data" else measure(args), args.out)
+    print(text)
     return 0
 
 

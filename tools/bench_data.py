@@ -1,18 +1,14 @@
-#!/usr/bin/env python
-"""Data-pipeline benchmark (`make bench-data`): training-input images/s on one core, this pipeline from the
-prepared store vs torchvision's standard one on the same real images; prepare speed with and without Pillow's
-draft(), how much draft() changes the output, and the store's size per image. Results go to
-docs/benchmarks.json (section "data") and docs/benchmarks.md.
+"""The data section of `make bench` (tools/bench.py; `make bench-data` runs it alone): training-input images/s on
+one core, this pipeline from the prepared store vs torchvision's standard one on the same real images; prepare
+speed with and without Pillow's draft(), how much draft() changes the output, and the store's size per image.
 
 Images: ../shared/data/imagenet-mini/train (101 real ILSVRC originals) when present, else the demo data.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import platform
-import sys
 import tarfile
 import tempfile
 import time
@@ -146,38 +142,32 @@ def render(all_results: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="time per throughput measurement")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.{json,md} go")
-    args = parser.parse_args(argv)
+def measure(seconds: float) -> dict:
+    """The data section: the rates above on one core, the store's size per image."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        folder, description = image_folder(tmp)
-        raw = tmp / "raw"
-        raw.mkdir()
-        (raw / "train").symlink_to(folder.resolve())
-        prepare(raw, tmp / "store", workers=1)
-        results = {
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} thread, {platform.processor() or 'cpu'}",
-            "images": description,
-            "torchvision_images_per_s": torchvision_rate(folder, args.seconds),
-            "store_images_per_s": store_rate(tmp / "store", args.seconds, augment_on_cpu=False),
-            "store_augment_cpu_images_per_s": store_rate(tmp / "store", args.seconds, augment_on_cpu=True),
-            "prepare": prepare_rates(folder),
-            "store_bytes_per_image": (tmp / "store" / "train" / "images.npy").stat().st_size
-            / PreparedStore(tmp / "store").manifest["splits"]["train"]["rows"],
-            "command": "make bench-data",
-            "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__,
-        }
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            folder, description = image_folder(tmp)
+            raw = tmp / "raw"
+            raw.mkdir()
+            (raw / "train").symlink_to(folder.resolve())
+            prepare(raw, tmp / "store", workers=1)
+            results = {
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} thread, {platform.processor() or 'cpu'}",
+                "images": description,
+                "torchvision_images_per_s": torchvision_rate(folder, seconds),
+                "store_images_per_s": store_rate(tmp / "store", seconds, augment_on_cpu=False),
+                "store_augment_cpu_images_per_s": store_rate(tmp / "store", seconds, augment_on_cpu=True),
+                "prepare": prepare_rates(folder),
+                "store_bytes_per_image": (tmp / "store" / "train" / "images.npy").stat().st_size
+                / PreparedStore(tmp / "store").manifest["splits"]["train"]["rows"],
+                "command": "make bench-data",
+                "date": time.strftime("%Y-%m-%d"),
+                "torch": torch.__version__,
+            }
+    finally:
+        torch.set_num_threads(threads)
     results["ratio"] = results["store_images_per_s"] / results["torchvision_images_per_s"]
-    from bench import save  # the file's other sections and its markdown are tools/bench.py's
-
-    print(save("data", results, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return results
