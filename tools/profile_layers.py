@@ -10,10 +10,10 @@ region, so in-place layers can run), the forward timed, then `torch.autograd.gra
 recorded output gradient towards its input and the parameters, timed (that backward computes exactly what the
 step's backward computes for this layer: no input gradient where the step has none, no accumulation into `.grad`).
 The CPU runs every op synchronously, so wall-clock time around a layer is that layer's time. FLOPs are what
-`FlopCounterMode` counts in each layer's forward and backward (convolutions and matrix products; the LRN's window
-sums are a 1x1 convolution, so they count too). Medians of the repeats; the whole step, timed the usual way in the
-same run, says how much of it the layers add up to (the rest: the loss, autograd's bookkeeping between layers,
-allocator effects).
+`FlopCounterMode` counts in each layer's forward and backward (convolutions and matrix products; the LRN's forward
+window sums are a 1x1 convolution, so they count, its backward's are additions, which do not). Medians of the
+repeats; the whole step, timed the usual way in the same run, says how much of it the layers add up to (the rest:
+autograd's bookkeeping between layers, allocator effects).
 
 `python tools/profile_layers.py [--batch 32] [--repeats 5] [--threads N] [--json out.json]` prints the markdown tables.
 """
@@ -200,7 +200,8 @@ def profile(batch: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     labels = torch.randint(0, 1000, (batch,))
     two_tower = AlexNet().train()
     vision = torchvision.models.alexnet(weights=None).train()
-    nets = {"two-tower (default options)": (two_tower, two_tower_layers(two_tower), [x.to(d) for d in two_tower.devices]),
+    nets = {"two-tower (default options)":
+            (two_tower, two_tower_layers(two_tower), [x.to(device) for device in two_tower.devices]),
             "torchvision alexnet": (vision, torchvision_layers(vision), [x])}
     profiles = {name: Profile(layers, inputs, labels, list(model.parameters()))
                 for name, (model, layers, inputs) in nets.items()}
