@@ -88,8 +88,8 @@ class ResponseNormalisation(torch.autograd.Function):
     """b = a / (k + alpha * W(a^2))^beta for a window sum W that is linear and symmetric (the LRN's band of maps,
     the spatial norm's box), with its gradient in closed form.
 
-    Left to autograd, the formula keeps a^2, the window sums, the normaliser and its power for the backward pass
-    (three maps besides the input) and runs a backward op for each of its ops. Here only the input a is kept: the
+    Left to autograd, the formula keeps a^2, the normaliser and its power for the backward pass (three maps besides
+    the input) and runs a backward op for each of its ops. Here only the input a is kept: the
     backward recomputes the normaliser d = k + alpha * W(a^2) (a little arithmetic instead of one more map kept
     per layer through the step) and computes, with one more window sum,
         da = g d^-beta - 2 alpha beta a W(g b / d),
