@@ -162,7 +162,7 @@ def tower_alone(tower: Tower, x: torch.Tensor) -> Callable[[], None]:
     and without copies."""
 
     def work() -> None:
-        pool2 = tower.stem(x)
+        pool2 = tower.stem(tower.conv1_input(x))
         pool5 = tower.trunk(torch.cat([pool2, pool2], 1))
         fc6 = tower.head6(torch.cat([pool5, pool5], 1))
         tower.head7(torch.cat([fc6, fc6], 1)).sum().backward()

@@ -297,12 +297,15 @@ class Tower(nn.Module):
         self.lrn1_before_relu = options["lrn_position"] == "before_relu"
         self.right_bottom_pad = options["conv1_padding"] == "right_bottom3"
 
+    def conv1_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What conv1 reads: the images, with `right_bottom3` 3 pixels of zeros on the right and bottom (cuda-convnet
+        fed 224x224 images to a stride-4 11x11 convolution and sized its output with ceil: 55x55, the last window
+        hanging over those edges)."""
+        return F.pad(images, (0, 3, 0, 3)) if self.right_bottom_pad else images
+
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1 -> (ReLU, LRN) -> pool -> conv2 -> ReLU -> LRN -> pool: the layers before the first exchange."""
-        if self.right_bottom_pad:
-            # cuda-convnet fed 224x224 images to a stride-4 11x11 convolution and sized its output with ceil:
-            # 55x55, the last window hanging 3 pixels of zeros over the right and bottom edges.
-            x = F.pad(x, (0, 3, 0, 3))
+        """conv1 -> (ReLU, LRN) -> pool -> conv2 -> ReLU -> LRN -> pool: the layers before the first exchange, from
+        `conv1_input`."""
         x = self.conv1(x)
         # ReLUs in place: no backward here needs what they overwrite (convolutions and the LRN keep their inputs)
         x = F.relu(self.lrn1(x), inplace=True) if self.lrn1_before_relu else self.lrn1(F.relu(x, inplace=True))
@@ -392,8 +395,14 @@ class AlexNet(nn.Module):
             raise ValueError(f"got {len(inputs)} inputs for {len(self.towers)} tower(s)")
         if self.grouped:
             return self.forward_grouped(inputs[0])
-        # Each stage is issued tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
-        pool2 = [tower.stem(image.to(device)) for tower, image, device in zip(self.towers, inputs, self.devices)]
+        images = [image.to(device) for image, device in zip(inputs, self.devices)]
+        # conv1's input once per input tensor: towers on one device share it (and the copy conv1 keeps for its
+        # backward pass). Then each stage tower by tower; on GPUs the launches are asynchronous, so the towers run
+        # at once.
+        conv1_inputs = {}
+        for tower, image in zip(self.towers, images):
+            conv1_inputs.setdefault(id(image), tower.conv1_input(image))
+        pool2 = [tower.stem(conv1_inputs[id(image)]) for tower, image in zip(self.towers, images)]
         pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
         fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
         fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]
@@ -406,7 +415,7 @@ class AlexNet(nn.Module):
         if len(self.towers) != 2 or self.devices[0] != self.devices[1]:
             raise ValueError(f"the grouped forward needs two towers on one device, not {self.devices}")
         both = GroupedTowers(self.towers)
-        pool5 = Tower.trunk(both, Tower.stem(both, x.to(self.devices[0])))
+        pool5 = Tower.trunk(both, Tower.stem(both, Tower.conv1_input(both, x.to(self.devices[0]))))
         fc6 = torch.cat([tower.head6(pool5) for tower in self.towers], dim=1)
         fc7 = torch.cat([tower.head7(fc6) for tower in self.towers], dim=1)
         return self.fc8(fc7)

@@ -1,4 +1,5 @@
-"""`make bench` in miniature: tools/bench.py --quick writes both files, keeps the data section, and says what
+"""`make bench` in miniature: tools/bench.py --quick writes both files with the compute and profile sections, keeps the
+data section, and says what
 it skipped."""
 
 import json
@@ -15,7 +16,7 @@ import bench  # noqa: E402
 def test_quick_bench_writes_every_section(tmp_path):
     shutil.copy(TOOLS.parent / "docs" / "benchmarks.json", tmp_path / "benchmarks.json")
     data_before = json.loads((tmp_path / "benchmarks.json").read_text())["data"]
-    assert bench.main(["--sections", "compute", "--quick", "--batch", "2", "--steps", "1", "--repeats", "1",
+    assert bench.main(["--sections", "compute,profile", "--quick", "--batch", "2", "--steps", "1", "--repeats", "1",
                        "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     assert results["data"] == data_before  # the data section (make bench-data) is kept
@@ -33,5 +34,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert set(compute["estimates"]["gpus"]) == {"2x A100 SXM 80GB", "2x H100 SXM", "2x RTX 4090"}
     text = (tmp_path / "benchmarks.md").read_text()
     for heading in ("## Data pipeline", "## Training and evaluation compute", "### On GPUs",
-                    "### Estimates for dual-GPU boxes"):
+                    "### Estimates for dual-GPU boxes", "## Where a training step's time goes, layer by layer"):
         assert heading in text
+    profile = results["profile"]["networks"]
+    assert {row["name"] for row in profile["two-tower (default options)"]["layers"]} >= {"lrn1", "lrn2", "pool5"}
+    assert all(row["forward_ms"] > 0 for rows in profile.values() for row in rows["layers"])

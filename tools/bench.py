@@ -4,8 +4,9 @@ in one run, side by side with interleaved repeats, the matrix-multiply peak, tra
 against torchvision's `alexnet` with the same loss and optimiser step, each one's achieved FLOP/s as a fraction of
 that peak, the 10-patch evaluation rate and the peak memory of a training step. On GPUs also the per-tower step,
 the cross-device copies, synthetic vs real input and images/s per GPU. Then the arithmetic for 2x A100, 2x H100 and
-2x RTX 4090. Results go to docs/benchmarks.json (one entry per section; a section not measured is kept) and
-docs/benchmarks.md.
+2x RTX 4090. Last the profile section (tools/profile_layers.py): each layer's forward and backward time beside its
+FLOPs, for both networks. Results go to docs/benchmarks.json (one entry per section; a section not measured is kept)
+and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 import bench_data
+import profile_layers
 from repro import speed
 from repro.config import SpeedConfig
 from repro.data import Augment, batches, step_rng
@@ -320,6 +322,9 @@ def render(all_results: dict) -> str:
         lines += bench_data.render(all_results)
     if "compute" in all_results:
         lines += render_compute(all_results["compute"])
+    if "profile" in all_results:
+        lines += ["## Where a training step's time goes, layer by layer", "",
+                  profile_layers.render(all_results["profile"])]
     return "\n".join(lines)
 
 
@@ -335,7 +340,7 @@ def save(section: str, results: dict, out: Path) -> str:
     return text
 
 
-SECTIONS = ("data", "compute")
+SECTIONS = ("data", "compute", "profile")
 
 
 def main(argv=None) -> int:
@@ -356,8 +361,10 @@ def main(argv=None) -> int:
     sections = [s for s in args.sections.split(",") if s]
     if not sections or set(sections) - set(SECTIONS):
         parser.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
-    for section in sections:  # in this order: the data section's numbers are per core, the compute section's not
-        text = save(section, bench_data.measure(args.seconds) if section == "data" else measure(args), args.out)
+    measures = {"data": lambda: bench_data.measure(args.seconds), "compute": lambda: measure(args),
+                "profile": lambda: profile_layers.profile(args.batch, args.repeats)}
+    for section in sections:  # in this order: the data section runs on one core, the others on all
+        text = save(section, measures[section](), args.out)
     print(text)
     return 0
 

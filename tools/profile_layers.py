@@ -56,9 +56,13 @@ def two_tower_layers(model: AlexNet) -> list[Layer]:
     def relu(name: str) -> Layer:
         return (name, "relu", each(lambda tower, x: F.relu(x, inplace=True)))
 
+    def conv1_inputs(xs):  # once per input tensor, as AlexNet.forward: towers on one device share it
+        done = {}
+        return [done.setdefault(id(x), tower.conv1_input(x)) for tower, x in zip(towers, xs)]
+
     layers: list[Layer] = []
     if first.right_bottom_pad:
-        layers.append(("pad conv1 input", "pad", each(lambda tower, x: F.pad(x, (0, 3, 0, 3)))))
+        layers.append(("pad conv1 input", "pad", conv1_inputs))
     layers.append(("conv1", "conv", each(lambda tower, x: tower.conv1(x))))
     lrn1 = ("lrn1", "lrn", each(lambda tower, x: tower.lrn1(x)))
     layers += [lrn1, relu("relu1")] if first.lrn1_before_relu else [relu("relu1"), lrn1]
