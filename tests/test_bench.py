@@ -1,6 +1,5 @@
-"""`make bench` in miniature: tools/bench.py --quick writes both files with the compute and profile sections, keeps the
-data section, and says what
-it skipped."""
+"""`make bench` in miniature: tools/bench.py --quick writes both files with the compute and profile sections,
+keeps the data section, and says what it skipped."""
 
 import json
 import shutil
