@@ -35,6 +35,12 @@ def test_quick_bench_writes_every_section(tmp_path):
     for heading in ("## Data pipeline", "## Training and evaluation compute", "### On GPUs",
                     "### Estimates for dual-GPU boxes", "## Where a training step's time goes, layer by layer"):
         assert heading in text
+    # the three targets, each with the ratio this run measured (--quick does not time the compiled net)
+    ratio = compute["per_flop_vs_torchvision"]
+    assert f"| default path, per FLOP | at least 0.95x | {ratio:.2f}x | {'yes' if ratio >= 0.95 else 'no'} |" in text
+    assert "| grouped + torch.compile, per FLOP | at least 1.0x | not measured (--quick) | |" in text
+    memory = compute["memory"]["two-tower"]["peak_bytes_per_step"] / compute["memory"]["torchvision"]["peak_bytes_per_step"]
+    assert f"| training-step memory | at most 1.5x | {memory:.2f}x |" in text
     profile = results["profile"]["networks"]
     assert {row["name"] for row in profile["two-tower (default options)"]["layers"]} >= {"lrn1", "lrn2", "pool5"}
     assert all(row["forward_ms"] > 0 for rows in profile.values() for row in rows["layers"])
