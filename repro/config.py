@@ -278,13 +278,13 @@ class AblationReportConfig:
 
 @dataclass
 class PreflightConfig:
-    """A new box's first check (repro/preflight.py): devices (null: two GPUs, one, or cpu,cpu); batch, steps and
-    repeats of the speed checks (null: 128, 5, 5 on GPUs; 2, 1, 2 on the CPU); store: a prepared store whose read
+    """A new box's first check (repro/preflight.py): devices (null: two GPUs, one, or cpu,cpu); batch_size, steps
+    and repeats of the speed checks (null: 128, 5, 5 on GPUs; 2, 1, 2 on the CPU); store: a prepared store whose read
     rate bounds the projection, read with `workers` processes; compile: also time speed.compile; checks: a subset
     (null: all); out: the folder for preflight.json (null: runs/preflight/<time>)."""
 
     devices: Optional[List[str]] = None
-    batch: Optional[int] = limited(None, at_least=1)
+    batch_size: Optional[int] = limited(None, at_least=1)
     steps: Optional[int] = limited(None, at_least=1)
     repeats: Optional[int] = limited(None, at_least=1)
     store: Optional[str] = None

@@ -127,7 +127,12 @@ class ResponseNormalisation(torch.autograd.Function):
 
 def response_norm(x: torch.Tensor, sums, backward_sums, k: float, alpha: float, beta: float) -> torch.Tensor:
     """`ResponseNormalisation` when run eagerly. A compiled region gets the formula itself, which Inductor fuses and
-    differentiates: faster there than tracing the Function and than leaving it out of the region (measured)."""
+    differentiates: faster there than tracing the Function and than leaving it out of the region (measured).
+    Under autocast the layer is computed in float32 (the "float32 island": a sum of squares and its power lose too
+    much in bf16 or fp16) and returned in x's type."""
+    if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return response_norm(x.float(), sums, backward_sums, k, alpha, beta).to(x.dtype)
     if torch.compiler.is_compiling():
         return x / (k + alpha * sums(x * x)).pow(beta)
     return ResponseNormalisation.apply(x, sums, backward_sums, k, alpha, beta)
@@ -161,14 +166,10 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """`groups` > 1: x holds that many towers' maps side by side (the grouped network); each is normalised
-        on its own, with the same sums as in its tower. Under autocast the normaliser is computed in float32."""
-        if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self(x.float(), groups).to(x.dtype)
-        band = self.band.to(x.dtype)
-        band = band.repeat(groups, 1, 1, 1) if groups > 1 else band
-        return response_norm(x, lambda t: F.conv2d(t, band, groups=groups), lambda t: band_sums(t, groups), LRN_K,
-                             self.alpha, LRN_BETA)
+        on its own, with the same sums as in its tower."""
+        band = self.band.repeat(groups, 1, 1, 1) if groups > 1 else self.band
+        return response_norm(x, lambda t: F.conv2d(t, band.to(t.dtype), groups=groups),
+                             lambda t: band_sums(t, groups), LRN_K, self.alpha, LRN_BETA)
 
     def extra_repr(self) -> str:
         return f"channels={self.band.shape[0]}, size={LRN_SIZE}, alpha={self.alpha} on the sum, beta={LRN_BETA}, k={LRN_K}"

@@ -785,7 +785,7 @@ def preflight(cfg, command: str = "repro-preflight") -> int:
     out = Path(cfg.out) if cfg.out else Path("runs") / "preflight" / time.strftime("%Y-%m-%d_%H-%M-%S")
     speed.set_precision(False)  # IEEE float32, as training sets it
     with tempfile.TemporaryDirectory(prefix="repro-preflight-") as workdir:
-        box = Box(devices, batch=cfg.batch or (128 if gpu else 2), steps=cfg.steps or (5 if gpu else 1),
+        box = Box(devices, batch=cfg.batch_size or (128 if gpu else 2), steps=cfg.steps or (5 if gpu else 1),
                   repeats=cfg.repeats or (5 if gpu else 2), store=store, workers=cfg.workers, compile=cfg.compile,
                   workdir=Path(workdir))
         return run(box, names, out, command)

@@ -21,6 +21,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert results["data"] == data_before  # the data section (make bench-data) is kept
     compute = results["compute"]
     assert compute["matmul_peak_flops"]["fp32"] > 0 and compute["ten_patch_images_per_s"] > 0
+    assert compute["precision"] == {"float32_convolutions": "ieee", "float32_matmuls": "ieee"}  # set, not torch's
     assert "torchvision alexnet" in compute["training"]
     for row in compute["training"].values():
         assert row["images_per_s"] > 0 and row["fraction_of_peak"] > 0  # quick: a 256x256 "peak", no bound

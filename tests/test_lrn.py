@@ -136,18 +136,29 @@ def test_a_second_derivative_fails_instead_of_being_wrong():
         first.sum().backward()
 
 
-def test_autocast_gradient_flows_through_the_float32_island():
-    lrn = LocalResponseNorm(48, False)
-    x = activations((2, 48, 9, 9)).bfloat16().requires_grad_()
-    grad = torch.randn(x.shape).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = lrn(x)
-    assert out.dtype == torch.bfloat16
+# Every normalisation the model has, with its plain formula: the LRN variants and the 2012 code's spatial norm.
+NORMALISATIONS = {**{name: (lambda a, g: (lambda x: LocalResponseNorm(48, a)(x, g),
+                                          lambda x: lrn_formula(LocalResponseNorm(48, a), x, g)))(a, g)
+                     for name, (a, g) in zip(LRN_IDS, LRN_VARIANTS)},
+                  "spatial_norm": (SpatialResponseNorm(), spatial_formula)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", NORMALISATIONS)
+def test_autocast_computes_every_normalisation_in_a_float32_island(name, dtype):
+    layer, formula = NORMALISATIONS[name]
+    channels = 96 if name.endswith("groups=2") else 48
+    x = activations((2, channels, 9, 9)).to(dtype).requires_grad_()
+    grad = torch.randn(x.shape).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x)
+    # computed in float32 and rounded once: bf16 or fp16 arithmetic inside would round every op
+    assert out.dtype == dtype and torch.equal(out, layer(x.detach().float()).to(dtype))
     got, = torch.autograd.grad(out, x, grad)
     x32 = x.detach().float().requires_grad_()
-    expected, = torch.autograd.grad(lrn_formula(lrn, x32, 1), x32, grad.float())
-    assert got.dtype == torch.bfloat16
-    assert worst_relative(got.float(), expected) < 2**-7  # the gradient's own rounding to bf16, no more
+    expected, = torch.autograd.grad(formula(x32), x32, grad.float())
+    assert got.dtype == dtype
+    assert worst_relative(got.float(), expected) < 2**-7  # the gradient's own rounding to bf16 or fp16, no more
 
 
 @pytest.mark.parametrize("size, stride, ceil_mode", [(3, 2, False), (2, 2, True)], ids=["overlapping", "2x2-ceil"])
@@ -177,19 +188,20 @@ def test_every_lrn_and_pool_of_the_network_is_the_function():
         assert isinstance(tower.spatial_norm, SpatialResponseNorm) and isinstance(tower.pool, MaxPool)
 
 
-@pytest.mark.parametrize("alpha_over_n, groups", LRN_VARIANTS, ids=LRN_IDS)
-def test_the_compiled_formulation_computes_the_same_layer(alpha_over_n, groups, monkeypatch):
+@pytest.mark.parametrize("name", NORMALISATIONS)
+def test_the_compiled_formulation_computes_the_same_layer(name, monkeypatch):
     # What a compiled region traces (the formula with matrix-product sums, torch's pooling), run eagerly here.
-    lrn, pool = LocalResponseNorm(48, alpha_over_n), MaxPool(3, 2)
-    x = activations((BACKWARD_SAMPLES_CPU + 3, 48 * groups, 13, 13)).requires_grad_()
-    grad = torch.randn(BACKWARD_SAMPLES_CPU + 3, 48 * groups, 6, 6)
-    expected = pool(lrn(x, groups))
+    layer, pool = NORMALISATIONS[name][0], MaxPool(3, 2)
+    channels = 96 if name.endswith("groups=2") else 48
+    x = activations((BACKWARD_SAMPLES_CPU + 3, channels, 13, 13)).requires_grad_()
+    grad = torch.randn(BACKWARD_SAMPLES_CPU + 3, channels, 6, 6)
+    expected = pool(layer(x))
     expected_grad, = torch.autograd.grad(expected, x, grad)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    got = pool(lrn(x, groups))
+    got = pool(layer(x))
     assert worst_relative(got, expected) < 2e-6
     assert worst_relative(torch.autograd.grad(got, x, grad)[0], expected_grad) < 2e-6
-    assert len(saved_for_backward(lambda t: lrn(t, groups), x)) > 1  # autograd's own graph, not the Function
+    assert len(saved_for_backward(layer, x)) > 1  # autograd's own graph, not the Function
 
 
 def compiled_training_step(model: AlexNet, x, labels):

@@ -26,7 +26,7 @@ def run_main(capsys, *argv) -> tuple[int, list[str], str]:
 
 
 def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys):
-    code, lines, _ = run_main(capsys, f"out={tmp_path}", "batch=1", "repeats=1")
+    code, lines, _ = run_main(capsys, f"out={tmp_path}", "batch_size=1", "repeats=1")
     assert code == 0, "\n".join(lines)
     statuses = dict(line.split(":", 1)[0].split(" ")[::-1] for line in lines[:-1])
     assert list(statuses) == list(preflight.CHECKS)  # one line per check, in order
@@ -65,7 +65,7 @@ def test_a_failing_check_makes_the_preflight_fail_naming_it_and_the_others_still
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["batch=0"], "batch=0"),
+    (["batch_size=0"], "batch_size=0"),
     (["checks=[inventory,speed]"], "checks=['speed']"),
     (["devices=[cpu]"], "devices"),
     (["devices=[cuda:0,cuda:1]"], "cuda:0"),

@@ -245,6 +245,25 @@ def test_a_damaged_checkpoint_is_refused_naming_the_intact_previous_one(tmp_path
         load_checkpoint(last)
 
 
+def test_a_damaged_checkpoint_names_the_newest_intact_one_beside_it(tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+
+    def save(path, step, keep_previous=False):
+        save_checkpoint(path, {"model": {"w": torch.full((4096,), float(step))}, "global_step": step}, keep_previous)
+
+    save(last, 1, True), save(best, 2), save(last, 3, True)  # last.prev.pt: step 1, best.pt: step 2, last.pt: 3
+    flip_bytes(last)
+    with pytest.raises(RunError, match=rf"{re.escape(str(best))} \(step 2\) is intact: `cp .*best.pt .*last.pt`"):
+        load_checkpoint(last)  # best.pt is newer than last.prev.pt
+    flip_bytes(best)
+    with pytest.raises(RunError, match=rf"{re.escape(str(tmp_path / 'last.prev.pt'))} \(step 1\) is intact"):
+        load_checkpoint(last)
+    save(last, 4)
+    with pytest.raises(RunError, match=rf"checkpoint {re.escape(str(best))} is damaged .*"
+                                       rf"{re.escape(str(last))} \(step 4\) is intact: use it instead"):
+        load_checkpoint(best)  # e.g. repro-eval checkpoint=.../best.pt
+
+
 @pytest.mark.slow
 def test_a_run_refuses_its_damaged_last_checkpoint_and_resumes_from_a_lone_previous_one(demo_store, tmp_path):
     train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=1"))  # saves at steps 2 and 4, and at the epoch's end

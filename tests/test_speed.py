@@ -155,10 +155,10 @@ def test_fp16_loss_scaler_drives_paper_sgd():
     assert torch.equal(fast.fc8.weight, before) and scaler.get_scale() < scale
 
 
-def compiled_logits(grouped: bool):
+def compiled_logits(grouped: bool, preset: str = "paper"):
     """Eval logits of the compiled model and of the plain one; skips where Inductor cannot compile (it needs a
     working C++ compiler on the CPU)."""
-    plain, fast = twin_models()
+    plain, fast = twin_models(preset)
     speed.apply(fast, SpeedConfig(grouped=grouped, compile=True))
     x = images(1)
     try:
@@ -173,8 +173,10 @@ def compiled_logits(grouped: bool):
         return got, plain.eval()(x)
 
 
-def test_compiled_grouped_network_gives_the_plain_logits():
-    assert_close_to(*compiled_logits(grouped=True), 1e-5, "compiled grouped")
+# cuda_convnet: the LRN before conv1's ReLU, alpha / n and the spatial norm, compiled too
+@pytest.mark.parametrize("preset", ["paper", "cuda_convnet"])
+def test_compiled_grouped_network_gives_the_plain_logits(preset):
+    assert_close_to(*compiled_logits(True, preset), 1e-5, f"compiled grouped {preset}")
 
 
 @pytest.mark.slow  # nine compiled regions: a minute or two on two cores

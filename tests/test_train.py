@@ -35,7 +35,10 @@ def test_run_folder_is_the_record(tiny_run):
     assert metrics["epoch"] == 2 and metrics["step"] == 8 and metrics["images_per_s"] > 0
     assert metrics["preset"] == "paper" and metrics["model_options"]["lrn"] is True
     assert metrics["data_options"]["batch_size"] == 4 and len(metrics["history"]) == 2
+    ieee = {"float32_convolutions": "ieee", "float32_matmuls": "ieee", "autocast": "float32"}
+    assert metrics["precision"] == ieee  # the arithmetic in force, in the metrics and the log alike
     log = (run_dir / "train.log").read_text()
+    assert "precision: " + json.dumps(ieee) in log
     assert '"torch": "' in log and '"git_commit"' in log and "experiment" not in log.split("config:")[0]
     assert "batch_size: 4" in log  # the full config
     assert "epoch 1 (counted from 0; the 2012 notes count from 1: their epoch 2): lr conv1_weights 0.001," in log

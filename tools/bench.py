@@ -228,7 +228,7 @@ def measure(args) -> dict:
     return {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
                    f"{torch.backends.cpu.get_cpu_capability()}",
-        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]], "precision": speed.precision(),
         "batch": args.batch, "steps_per_repeat": args.steps, "repeats": args.repeats, "flops_per_image": flops,
         "matmul_peak_flops": peaks, "matmul_n": n,
         "training": training,
@@ -269,7 +269,9 @@ def render_compute(c: dict) -> list[str]:
              f"{c['load_average_before_after'][0]:.1f} before and {c['load_average_before_after'][1]:.1f} after the "
              "run (above the core count means other work shared the cores). Batch "
              f"{c['batch']}, random images and labels, forward + mean cross-entropy + backward + PaperSGD; medians "
-             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps.", "",
+             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps. float32 convolutions and "
+             f"matrix products: {c['precision']['float32_convolutions']} and {c['precision']['float32_matmuls']} "
+             "(on GPUs; a CPU has no TF32).", "",
              f"Matrix-multiply peak (n={c['matmul_n']}, measured): fp32 {c['matmul_peak_flops']['fp32'] / g:.0f} "
              f"GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} GFLOP/s.", "",
              "| network and options | images/s | GFLOP per image (fwd+bwd, counted) | achieved GFLOP/s | "
@@ -373,6 +375,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-probe", choices=("two-tower", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--devices", default="cpu,cpu", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    speed.set_precision(False)  # IEEE float32, as training sets it (torch's default is TF32 for cuDNN convolutions)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.batch, args.devices.split(","))))
         return 0
