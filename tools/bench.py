@@ -269,9 +269,9 @@ def render_compute(c: dict) -> list[str]:
              f"{c['load_average_before_after'][0]:.1f} before and {c['load_average_before_after'][1]:.1f} after the "
              "run (above the core count means other work shared the cores). Batch "
              f"{c['batch']}, random images and labels, forward + mean cross-entropy + backward + PaperSGD; medians "
-             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps. float32 convolutions and "
-             f"matrix products: {c['precision']['float32_convolutions']} and {c['precision']['float32_matmuls']} "
-             "(on GPUs; a CPU has no TF32).", "",
+             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps. Precision set for float32 on "
+             f"GPUs (a CPU has no TF32): convolutions {c['precision']['float32_convolutions']}, matrix products "
+             f"{c['precision']['float32_matmuls']}.", "",
              f"Matrix-multiply peak (n={c['matmul_n']}, measured): fp32 {c['matmul_peak_flops']['fp32'] / g:.0f} "
              f"GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} GFLOP/s.", "",
              "| network and options | images/s | GFLOP per image (fwd+bwd, counted) | achieved GFLOP/s | "
@@ -348,12 +348,12 @@ def render(all_results: dict) -> str:
     return "\n".join(lines)
 
 
-def save(section: str, results: dict, out: Path) -> str:
-    """Put `results` under `section` in out/benchmarks.json (keeping the other sections); rewrite the markdown."""
+def save(sections: dict, out: Path) -> str:
+    """Put each section's results in out/benchmarks.json (keeping the other sections); rewrite the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "benchmarks.json"
     all_results = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    all_results[section] = results
+    all_results.update(sections)
     json_path.write_text(json.dumps(all_results, indent=1) + "\n")
     text = render(all_results)
     (out / "benchmarks.md").write_text(text)
@@ -384,9 +384,8 @@ def main(argv=None) -> int:
         parser.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
     measures = {"data": lambda: bench_data.measure(args.seconds), "compute": lambda: measure(args),
                 "profile": lambda: profile_layers.profile(args.batch, args.repeats)}
-    for section in sections:  # in this order: the data section runs on one core, the others on all
-        text = save(section, measures[section](), args.out)
-    print(text)
+    # in this order (the data section runs on one core, the others on all), then written together
+    print(save({section: measures[section]() for section in sections}, args.out))
     return 0
 
 
