@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,5 @@
 """Evaluation (repro/evaluate.py): the batch is counted in images, and the host reads the device once per pass."""
 
-import torch
-
 from repro.config import build_model
 from repro.data import Augment
 from repro.evaluate import evaluate
