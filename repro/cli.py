@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from repro.config import CONF_DIR, TOOL_CONFIGS, composed, validate

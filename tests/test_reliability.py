@@ -28,7 +28,7 @@ from devkit import write_devkit
 from helpers import command, tiny_cfg, train_config
 from repro import prepare as prepare_module
 from repro.checkpoint import check_classes, load_checkpoint, save_checkpoint
-from repro.cli import prepare_main
+from repro.cli import given_run_dir, prepare_main
 from repro.config import CONF_DIR, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
 from repro.demo_data import DEVKIT_TAR, TRAIN_TAR, make_demo_data
 from repro.errors import DiskFullError, FolderBusyError, PrepareError, RunError
@@ -281,6 +281,13 @@ def test_a_run_refuses_its_damaged_last_checkpoint_and_resumes_from_a_lone_previ
 
 
 # -- 3. two processes on one folder, and unique temporaries -------------------------------------------------------
+
+
+def test_the_run_folder_to_lock_is_read_from_the_command_line():
+    assert given_run_dir(["model.lrn=false", "hydra.run.dir=/tmp/a", "hydra.run.dir=runs/b"]) == Path("runs/b")
+    assert given_run_dir(["hydra.run.dir=runs/${now:%H}"]) is None  # Hydra resolves it: train() locks it then
+    assert given_run_dir(["-m", "hydra.run.dir=runs/b"]) is None  # each job of a sweep locks its own
+    assert given_run_dir(["hydra.run.dir=[a,"]) is None  # malformed: Hydra's own message follows
 
 
 def test_a_second_training_process_on_a_run_folder_is_refused_naming_the_first(demo_store, tmp_path):
