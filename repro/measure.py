@@ -10,6 +10,7 @@ resets and reads each device of the model.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -55,6 +56,19 @@ def seconds_per_call(work: Callable[[], object], devices: Iterable, calls: int) 
     return (time.perf_counter() - start) / calls
 
 
+def median_ms(work: Callable[[], object], devices: Iterable, calls: int, repeats: int) -> float:
+    """Milliseconds per `work()` call: the median of `repeats` timings of `calls` calls each, after one warm-up call
+    (cuDNN's autotuning, the allocator)."""
+    work()
+    return 1e3 * statistics.median(seconds_per_call(work, devices, calls) for _ in range(repeats))
+
+
+def per_tower(images: torch.Tensor, devices: Sequence) -> list[torch.Tensor]:
+    """`images` sent once to each distinct device, one entry per tower (as `Augment` builds them)."""
+    sent = {device: images.to(device) for device in distinct(devices)}
+    return [sent[torch.device(device)] for device in devices]
+
+
 def gpu_peak_memory(work: Callable[[], object], devices: Iterable) -> dict[str, int]:
     """The most memory torch allocated on each GPU among `devices` while `work()` ran, {"cuda:i": bytes}; empty
     without GPUs. The peak is reset on every one of those devices first."""
@@ -91,8 +105,7 @@ class TrainingStep:
         images = torch.randn(batch, 3, 224, 224, generator=generator) * 60  # the scale of raw pixels minus the mean
         self.labels = torch.randint(0, 1000, (batch,), generator=generator).to(self.devices[0])
         if isinstance(model, AlexNet):
-            sent = {device: images.to(device) for device in distinct(model.devices)}
-            self.inputs = [sent[device] for device in model.devices]
+            self.inputs = per_tower(images, model.devices)
         else:
             self.inputs = images.to(self.devices[0])
 

@@ -397,17 +397,21 @@ class AlexNet(nn.Module):
         if self.grouped:
             return self.forward_grouped(inputs[0])
         images = [image.to(device) for image, device in zip(inputs, self.devices)]
-        # conv1's input once per input tensor: towers on one device share it (and the copy conv1 keeps for its
-        # backward pass). Then each stage tower by tower; on GPUs the launches are asynchronous, so the towers run
-        # at once.
-        conv1_inputs = {}
-        for tower, image in zip(self.towers, images):
-            conv1_inputs.setdefault(id(image), tower.conv1_input(image))
-        pool2 = [tower.stem(conv1_inputs[id(image)]) for tower, image in zip(self.towers, images)]
+        # Each stage tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
+        pool2 = [tower.stem(x) for tower, x in zip(self.towers, self.conv1_inputs(images))]
         pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
         fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
         fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]
         return self.fc8(exchange(fc7, self.devices[0]))
+
+    def conv1_inputs(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tower's conv1 input (`Tower.conv1_input`) from its images, made once per input tensor: towers on one
+        device share it, and the copy conv1 keeps for its backward pass."""
+        made = {}
+        for tower, image in zip(self.towers, images):
+            if id(image) not in made:
+                made[id(image)] = tower.conv1_input(image)
+        return [made[id(image)] for image in images]
 
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as `forward`, for two towers on one device: conv1..pool5 run once for both towers

@@ -53,8 +53,8 @@ from repro.demo_data import make_demo_data
 from repro.errors import RunError
 from repro.loop import seed_dropout
 from repro.measure import (EPOCHS, IMAGENET_TRAIN, CrossDeviceCopies, HostSyncs, TrainingStep, build, copy_work,
-                           distinct, exchange_copies, forward_backward, gpu_peak_memory, mirrored, seconds_per_call,
-                           tower_alone, training_flops_per_image)
+                           distinct, exchange_copies, forward_backward, gpu_peak_memory, median_ms, mirrored,
+                           per_tower, tower_alone, training_flops_per_image)
 from repro.model import AlexNet
 from repro.prepare import prepare
 from repro.progress import ConsoleFilter, duration, number
@@ -138,12 +138,6 @@ class Box:
     def no_gpus(self, what: str) -> Result:
         visible = f"{len(self.gpus)} GPU among the devices" if self.gpus else "no GPU among the devices"
         return skipped(f"{what} ({visible}: {', '.join(map(str, self.devices))})")
-
-
-def per_tower(images: torch.Tensor, devices) -> list[torch.Tensor]:
-    """`images` sent once to each distinct device, one entry per tower (as `Augment` builds them)."""
-    sent = {device: images.to(device) for device in distinct(devices)}
-    return [sent[torch.device(device)] for device in devices]
 
 
 def numerics_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,19 +620,14 @@ def check_speed_memory(box: Box) -> Result:
                   peak_memory_per_gpu={k: r.get("peak_memory_per_gpu") for k, r in rows.items()})
 
 
-def median_ms(work: Callable[[], object], devices, box: Box) -> float:
-    work()  # warm-up
-    return 1e3 * statistics.median(seconds_per_call(work, devices, box.steps) for _ in range(box.repeats))
-
-
 def check_speed_overlap(box: Box) -> Result:
     if not box.two_gpus:
         return box.no_gpus("needs two GPUs")
     speed.set_cudnn_benchmark(None, deterministic=False)
     step = TrainingStep(build(SpeedConfig(), box.devices), SpeedConfig(), box.batch)
     model = step.model
-    both = median_ms(forward_backward(model, step.inputs, step.labels), box.devices, box)
-    alone = [median_ms(tower_alone(tower, x), [device], box)
+    both = median_ms(forward_backward(model, step.inputs, step.labels), box.devices, box.steps, box.repeats)
+    alone = [median_ms(tower_alone(tower, x), [device], box.steps, box.repeats)
              for tower, x, device in zip(model.towers, step.inputs, model.devices)]
     ratio = both / max(alone)
     return passed(f"forward + backward of both towers {both:.1f} ms; tower 0 alone {alone[0]:.1f} ms, tower 1 alone "
@@ -652,7 +641,7 @@ def check_speed_exchange(box: Box) -> Result:
     copies = exchange_copies(box.batch, box.devices)
     copies += mirrored(copies)
     size = 4 * sum(int(np.prod(shape)) for _, _, shape in copies)
-    ms = median_ms(copy_work(copies), box.devices, box)
+    ms = median_ms(copy_work(copies), box.devices, box.steps, box.repeats)
     return passed(f"the {len(copies)} exchange copies of a batch-{box.batch} step ({size / 1e6:.1f} MB) take "
                   f"{ms:.2f} ms ({size / ms / 1e6:.1f} GB/s)", ms=ms, bytes=size, copies=len(copies))
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from grouped_reference import grouped_forward, lrn_by_formula, spatial_norm_by_formula
 from repro.measure import CrossDeviceCopies
-from repro.model import (PRESETS, AlexNet, LocalResponseNorm, SpatialResponseNorm, load_grouped_state_dict,
+from repro.model import (PRESETS, AlexNet, LocalResponseNorm, SpatialResponseNorm, Tower, load_grouped_state_dict,
                          resolve_options, to_grouped_state_dict)
 
 CAFFE_SHAPES = {
@@ -182,6 +182,22 @@ def test_per_tower_inputs_cross_no_device():
     assert all(shape != (2, 3, 224, 224) for _, _, shape in recorder.copies) and len(recorder.copies) == 7
     with pytest.raises(ValueError, match="got 1 inputs for 2 tower"):
         AlexNet()([images(1)])
+
+
+def test_conv1_input_is_made_once_per_input_tensor(monkeypatch):
+    # Towers on one device share the batch, so they share the padded copy conv1 keeps; on two devices each its own.
+    padded = []
+    original = Tower.conv1_input
+    monkeypatch.setattr(Tower, "conv1_input", lambda tower, x: padded.append(x) or original(tower, x))
+    model, x = AlexNet(), images(1)
+    shared = model.conv1_inputs([x, x])
+    assert len(padded) == 1 and shared[0] is shared[1] and shared[0].shape == (1, 3, 227, 227)
+    model(x)  # the forward pass too
+    assert len(padded) == 2
+    with FakeTensorMode():
+        inputs = [torch.empty(1, 3, 224, 224, device=d) for d in ("cuda:0", "cuda:1")]
+        own = AlexNet(devices=("cuda:0", "cuda:1")).conv1_inputs(inputs)
+    assert len(padded) == 4 and [str(t.device) for t in own] == ["cuda:0", "cuda:1"]
 
 
 def test_one_tower_net_lives_on_the_first_device():

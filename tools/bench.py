@@ -31,8 +31,10 @@ from repro import speed
 from repro.config import SpeedConfig
 from repro.data import Augment, batches, step_rng
 from repro.measure import (EPOCHS, IMAGENET_TRAIN, TrainingStep, build, copy_work, distinct, exchange_copies,
-                           gpu_peak_memory, mirrored, seconds_per_call, sync, tower_alone, training_flops_per_image)
+                           gpu_peak_memory, median_ms, mirrored, seconds_per_call, sync, tower_alone,
+                           training_flops_per_image)
 from repro.prepare import prepare
+from repro.runtime import resolve_devices
 from repro.store import PreparedStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +91,11 @@ def memory_probe(kind: str, batch: int, devices: list[str]) -> dict:
     batch-`batch` step, i.e. what the batch adds. GPUs: torch.cuda.max_memory_allocated on each GPU of the model
     (the two-tower network on `devices`, torchvision's on the first), its peak reset on each."""
     options = None if kind == "torchvision" else SpeedConfig()
-    model_devices = devices if options is not None else devices[:1] * 2
-    trainer = TrainingStep(build(options, model_devices), options, 1)
+    trainer = TrainingStep(build(options, devices), options, 1)
     trainer.step()
     if torch.device(devices[0]).type == "cuda":
         del trainer
-        trainer = TrainingStep(build(options, model_devices), options, batch)
+        trainer = TrainingStep(build(options, devices), options, batch)
         per_gpu = gpu_peak_memory(trainer.step, trainer.devices)
         return {"peak_bytes_per_step": sum(per_gpu.values()), "peak_bytes_per_gpu": per_gpu,
                 "what": "torch.cuda.max_memory_allocated on each GPU of the model (weights, velocities, activations, "
@@ -125,27 +126,17 @@ def peak_memory(kind: str, batch: int, devices: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def gpu_devices() -> tuple[str, str]:
-    """The towers' GPUs: two when there are two, else both towers on the one."""
-    return ("cuda:0", "cuda:1") if torch.cuda.device_count() >= 2 else ("cuda:0", "cuda:0")
-
-
 def gpu_sections(batch: int, steps: int, repeats: int) -> dict:
     """Per-tower step, cross-device copies, synthetic vs real input, images/s per GPU (needs CUDA). Every time is
     taken from idle devices to idle devices, all of the model's GPUs."""
-    devices = gpu_devices()
+    devices = resolve_devices(None, require_two_gpus=False)  # two GPUs, or both towers on the one
     torch.backends.cudnn.benchmark = True
-
-    def median_ms(work, on) -> float:
-        work()  # warm-up (and cuDNN's autotuning)
-        return 1e3 * statistics.median(seconds_per_call(work, on, steps) for _ in range(repeats))
-
     trainer = TrainingStep(build(SpeedConfig(), devices), SpeedConfig(), batch)
     model = trainer.model
-    per_tower = {f"tower {t} on {device}": median_ms(tower_alone(tower, x), [device])
+    per_tower = {f"tower {t} on {device}": median_ms(tower_alone(tower, x), [device], steps, repeats)
                  for t, (tower, device, x) in enumerate(zip(model.towers, model.devices, trainer.inputs))}
     copies = exchange_copies(batch, devices) if devices[0] != devices[1] else []
-    copies_ms = median_ms(copy_work(copies + mirrored(copies)), devices) if copies else 0.0
+    copies_ms = median_ms(copy_work(copies + mirrored(copies)), devices, steps, repeats) if copies else 0.0
     trainer.step()
     synthetic_s = statistics.median(trainer.seconds(steps) for _ in range(repeats))
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,7 +186,7 @@ def estimates(flops_per_image: float) -> dict:
 
 def measure(args) -> dict:
     device = "cpu"
-    memory_devices = list(gpu_devices()) if torch.cuda.is_available() else [device, device]
+    memory_devices = resolve_devices(None, require_two_gpus=False)
     load_before = os.getloadavg()
     flops = {"two-tower": training_flops_per_image(SpeedConfig()), "torchvision": training_flops_per_image(None),
              "two-tower, LRN window sums included": training_flops_per_image(SpeedConfig(), lrn=True)}

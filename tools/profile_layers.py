@@ -34,6 +34,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from repro.measure import forward_backward, per_tower, seconds_per_call
 from repro.model import AlexNet, exchange
 
 # A layer: (name, kind, run). `run` maps the list of per-tower inputs to the list of per-tower outputs (one tensor
@@ -56,13 +57,9 @@ def two_tower_layers(model: AlexNet) -> list[Layer]:
     def relu(name: str) -> Layer:
         return (name, "relu", each(lambda tower, x: F.relu(x, inplace=True)))
 
-    def conv1_inputs(xs):  # once per input tensor, as AlexNet.forward: towers on one device share it
-        done = {}
-        return [done.setdefault(id(x), tower.conv1_input(x)) for tower, x in zip(towers, xs)]
-
     layers: list[Layer] = []
     if first.right_bottom_pad:
-        layers.append(("pad conv1 input", "pad", conv1_inputs))
+        layers.append(("pad conv1 input", "pad", model.conv1_inputs))
     layers.append(("conv1", "conv", each(lambda tower, x: tower.conv1(x))))
     lrn1 = ("lrn1", "lrn", each(lambda tower, x: tower.lrn1(x)))
     layers += [lrn1, relu("relu1")] if first.lrn1_before_relu else [relu("relu1"), lrn1]
@@ -186,15 +183,6 @@ class Profile:
         return forward.get_total_flops(), backward.get_total_flops()
 
 
-def whole_step_seconds(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
-    """Forward, loss and backward of the model itself (no optimiser step), as a training step runs them."""
-    start = time.perf_counter()
-    F.cross_entropy(model(x), labels).backward()
-    seconds = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return seconds
-
-
 def profile(batch: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     """Per-layer forward/backward milliseconds and FLOPs of one training step of each network, medians of
     `repeats` interleaved repeats; see the module docstring for the method."""
@@ -205,7 +193,7 @@ def profile(batch: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     two_tower = AlexNet().train()
     vision = torchvision.models.alexnet(weights=None).train()
     nets = {"two-tower (default options)":
-            (two_tower, two_tower_layers(two_tower), [x.to(device) for device in two_tower.devices]),
+            (two_tower, two_tower_layers(two_tower), per_tower(x, two_tower.devices)),
             "torchvision alexnet": (vision, torchvision_layers(vision), [x])}
     profiles = {name: Profile(layers, inputs, labels, list(model.parameters()))
                 for name, (model, layers, inputs) in nets.items()}
@@ -214,7 +202,9 @@ def profile(batch: int = 32, repeats: int = 5, seed: int = 0) -> dict:
     for repeat in range(repeats + 1):  # the first round warms up and is dropped
         for name, p in profiles.items():
             timings = [p.time_layer(i) for i in range(len(p.layers))] + [p.time_loss()]
-            step = whole_step_seconds(nets[name][0], x, labels)
+            model = nets[name][0]  # forward, loss and backward as one, as a training step runs them (no update)
+            step = seconds_per_call(forward_backward(model, x, labels), ["cpu"], 1)
+            model.zero_grad(set_to_none=True)
             if repeat == 0:
                 continue
             for (fwd, bwd), (f, b) in zip(samples[name]["layers"] + [samples[name]["loss"]], timings):
