@@ -535,7 +535,7 @@ def time_options(box: Box) -> dict:
     the options there). An error is recorded in place of the numbers."""
 
     def make():
-        rows, base = {}, build(SpeedConfig(), box.devices)  # copied for each option on the same devices
+        rows = {}
         for label, options, devices in speed_configs(box):
             if label == "bf16" and box.gpus and not torch.cuda.is_bf16_supported():
                 rows[label] = {"skipped": "bf16 not supported by these GPUs"}
@@ -544,8 +544,7 @@ def time_options(box: Box) -> dict:
             speed.set_cudnn_benchmark(None, deterministic=False)  # as training: on unless deterministic
             step = model = None
             try:
-                model = (speed.apply(copy.deepcopy(base), options) if devices == box.devices else
-                         build(options, devices))
+                model = build(options, devices)  # the same weights for every option (one seed)
                 step = TrainingStep(model, options, box.batch)
                 row = {"devices": list(map(str, distinct(devices)))}
                 for _ in range(2 if box.gpus else 0):
@@ -646,40 +645,50 @@ def check_speed_exchange(box: Box) -> Result:
                   f"{ms:.2f} ms ({size / ms / 1e6:.1f} GB/s)", ms=ms, bytes=size, copies=len(copies))
 
 
+def store_read_rate(box: Box) -> float:
+    """Images/s the prepared store `box.store` delivers through the loader, measured once per preflight."""
+
+    def make() -> float:
+        split = PreparedStore(box.store).split("train")
+        loader = iter(batches(split, box.batch, seed=SEED, workers=box.workers, pin_memory=bool(box.gpus)))
+        next(loader)  # the workers' start-up
+        images, start = 0, time.perf_counter()
+        for images_batch, _ in loader:
+            images += len(images_batch)
+            if time.perf_counter() - start > READ_SECONDS or images >= READ_BATCHES * box.batch:
+                break
+        return images / (time.perf_counter() - start)
+
+    return box.cached("store_rate", make)
+
+
+def step_rates(box: Box) -> tuple[dict[str, float], list[str]]:
+    """Images/s of every option that was timed, and the ones to report: float32 and the fastest."""
+    rows = {label: row["images_per_s"] for label, row in time_options(box).items() if "images_per_s" in row}
+    if not rows:
+        return rows, []
+    return rows, [label for label in dict.fromkeys(["float32", max(rows, key=rows.get)]) if label in rows]
+
+
 def check_speed_store(box: Box) -> Result:
     if box.store is None:
         return skipped("no prepared store given (make preflight STORE=..., or store=...)")
-    split = PreparedStore(box.store).split("train")
-    loader = iter(batches(split, box.batch, seed=SEED, workers=box.workers, pin_memory=bool(box.gpus)))
-    next(loader)  # the workers' start-up
-    images, start = 0, time.perf_counter()
-    for images_batch, _ in loader:
-        images += len(images_batch)
-        if time.perf_counter() - start > READ_SECONDS or images >= READ_BATCHES * box.batch:
-            break
-    rate = images / (time.perf_counter() - start)
-    box.cache["store_rate"] = rate
-    rows = {label: row["images_per_s"] for label, row in time_options(box).items() if "images_per_s" in row}
-    fastest = max(rows, key=rows.get) if rows else None
+    rate = store_read_rate(box)
+    rows, reported = step_rates(box)
     parts = [f"{box.store} reads {number(rate)} images/s (workers={box.workers}, batch {box.batch})"]
-    for label in dict.fromkeys(["float32", fastest]) if rows else {}:
-        if label in rows:
-            parts.append(f"the {label} step consumes {number(rows[label])} ({number(rate / rows[label])}x"
-                         f"{', input-bound' if rate < rows[label] else ''})")
+    parts += [f"the {label} step consumes {number(rows[label])} ({number(rate / rows[label])}x"
+              f"{', input-bound' if rate < rows[label] else ''})" for label in reported]
     return passed("; ".join(parts), images_per_s=rate, workers=box.workers, consumption=rows)
 
 
 def check_speed_projection(box: Box) -> Result:
-    rows = {label: row["images_per_s"] for label, row in time_options(box).items() if "images_per_s" in row}
+    rows, reported = step_rates(box)
     if not rows:
         return failed("no configuration ran (see speed-step)")
-    store_rate = box.cache.get("store_rate")
+    store_rate = store_read_rate(box) if box.store is not None else None
     where = "the CPU" if box.devices[0].type == "cpu" else ", ".join(map(str, distinct(box.devices)))
-    fastest = max(rows, key=rows.get)
     projections, parts = {}, []
-    for label in dict.fromkeys(["float32", fastest]):
-        if label not in rows:
-            continue
+    for label in reported:
         rate = min(rows[label], store_rate) if store_rate else rows[label]
         epoch = IMAGENET_TRAIN / rate
         projections[label] = {"images_per_s": rate, "epoch_s": epoch, "run_s": EPOCHS * epoch}

@@ -177,7 +177,7 @@ def test_bench_uses_the_shared_measurements(monkeypatch):
     import bench
 
     for name in ("TrainingStep", "build", "sync", "seconds_per_call", "gpu_peak_memory", "training_flops_per_image",
-                 "tower_alone", "exchange_copies", "IMAGENET_TRAIN"):
+                 "tower_alone", "exchange_copies", "IMAGENET_TRAIN", "median_ms"):
         assert getattr(bench, name) is getattr(measure, name), name
 
 
@@ -192,3 +192,7 @@ def test_the_stores_read_rate_is_set_against_the_step_and_bounds_the_projection(
     assert projection.details["projections"]["bf16"]["images_per_s"] == rate  # the store is the bound
     assert projection.details["projections"]["bf16"]["run_s"] == pytest.approx(90 * 1_281_167 / rate)
     assert "read-bound" in projection.summary
+    alone = preflight.Box(["cpu", "cpu"], 4, 1, 1, demo_store, 0, False, Path("."))  # checks=[speed-projection]
+    alone.cache["timings"] = box.cache["timings"]
+    projection = preflight.check_speed_projection(alone)  # reads the store itself
+    assert "read-bound" in projection.summary and 0 < alone.cache["store_rate"] < 1e6
