@@ -12,6 +12,8 @@ PYTEST_ARGS ?=
 DEMO_RAW ?= data/demo/raw
 DEMO_STORE ?= data/demo/store
 STORE ?= data/imagenet/store
+# Non-empty when STORE= was given (command line or environment), not the default above.
+STORE_GIVEN := $(filter-out file,$(origin STORE))
 comma := ,
 OUT ?= docs/figures
 NPROC ?= 1
@@ -56,7 +58,7 @@ train-ddp: $(INSTALLED) ## DDP, one process per GPU pair: make train-ddp NPROC=2
 
 eval: $(INSTALLED) ## evaluate a checkpoint (centre crop and 10 patches): make eval CKPT=runs/.../checkpoints/best.pt
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint> [STORE=...] [ARGS='devices=[cpu,cpu]']" >&2; exit 2; }
-	$(BIN)/repro-eval checkpoint=$(CKPT) $(if $(filter-out file,$(origin STORE)),store=$(STORE)) $(ARGS)
+	$(BIN)/repro-eval checkpoint=$(CKPT) $(if $(STORE_GIVEN),store=$(STORE)) $(ARGS)
 
 resume: $(INSTALLED) ## continue a run from its last checkpoint: make resume RUN=runs/<name>/<time>
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=<run folder> [ARGS=...]" >&2; exit 2; }
@@ -90,7 +92,7 @@ define ablate
 	    exit 2; };; *) echo "LAUNCHER=$(LAUNCHER): one of basic, pairs, slurm" >&2; exit 2;; esac
 	sweep=$(or $(SWEEP),multirun/$(1)/$$(date +%Y-%m-%d_%H-%M-%S)); \
 	ablate() { $(BIN)/repro-train --multirun experiment=$(EXPERIMENT) name=$(1) ablation=$(2) seed=$(SEEDS) \
-	    $(if $(filter-out file,$(origin STORE)),data.store=$(STORE)) hydra.sweep.dir=$$sweep \
+	    $(if $(STORE_GIVEN),data.store=$(STORE)) hydra.sweep.dir=$$sweep \
 	    $(if $(filter-out basic,$(LAUNCHER)),hydra/launcher=$(LAUNCHER)) $(ARGS); status=$$?; \
 	    $(BIN)/repro-ablation-report sweep=$$sweep && return $$status; }; \
 	if [ "$(LAUNCHER)" = slurm ]; then \
@@ -132,7 +134,7 @@ prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagene
 	$(BIN)/repro-prepare raw=$(RAW) store=$(STORE) $(ARGS)
 
 preflight: $(INSTALLED) ## a new box's first command (numerics, placement, randomness, speed): make preflight [STORE=...] [ARGS=...]
-	$(BIN)/repro-preflight $(if $(or $(filter-out file,$(origin STORE)),$(wildcard $(STORE)/manifest.json)),store=$(STORE)) $(ARGS)
+	$(BIN)/repro-preflight $(if $(or $(STORE_GIVEN),$(wildcard $(STORE)/manifest.json)),store=$(STORE)) $(ARGS)
 
 bench-data: $(INSTALLED) ## the data-pipeline section of make bench alone; writes docs/benchmarks.{md,json}
 	$(BIN)/python tools/bench.py --sections data

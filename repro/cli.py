@@ -258,9 +258,7 @@ def two_gpus_main(argv: list[str]) -> int:
     """`repro-gpus`: the GPUs here, or exit status 2 saying why when the paper's two are not there (`make
     train-imagenet` asks before it prepares the data for hours)."""
     usage(argv, f"usage: repro-gpus\n\n{' '.join(two_gpus_main.__doc__.split())}")
-    if torch.cuda.device_count() < 2:
-        raise RunError(f"the paper's setting needs two GPUs, and {torch.cuda.device_count()} are visible here; "
-                       "name the devices to train anyway (e.g. devices=[cuda:0,cuda:0] or devices=[cpu,cpu])")
+    resolve_devices(None, require_two_gpus=True)  # the error training would give
     print(f"{torch.cuda.device_count()} GPUs: " + ", ".join(torch.cuda.get_device_name(i)
                                                             for i in range(torch.cuda.device_count())))
     return 0

@@ -39,7 +39,7 @@ def evaluate(model, augment: Augment, split: Split, images_per_batch: int, ten_c
     wrong, count = torch.zeros(2, dtype=torch.int64, device=augment.device), 0  # wrong at top-1 and top-5
     loader = batches(split.part(world.rank, world.size), images_per_batch, shuffle=False, drop_last=False,
                      workers=workers, pin_memory=augment.device.type == "cuda")
-    for images, labels in (progress(loader, desc, len(loader), "batch") if desc else loader):
+    for images, labels in progress(loader, desc, len(loader), "batch"):
         logits = model(augment.test_views(images, ten_crop))
         probs = logits.float().softmax(dim=-1).view(len(images), views, -1).mean(dim=1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices

@@ -36,7 +36,7 @@ def free_space(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _disk_full(error: BaseException | None) -> bool:
+def disk_full(error: BaseException | None) -> bool:
     """Whether `error`, or an error it arose from (torch.save wraps the OSError in a RuntimeError), is ENOSPC."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -72,7 +72,7 @@ def atomic_write(path: Path, write, keep: Path | None = None) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if _disk_full(error):
+        if disk_full(error):
             raise DiskFullError(f"disk full: {path} could not be written ({human(free_space(path.parent))} free "
                                 f"on its disk)") from None
         raise

@@ -341,7 +341,7 @@ class AlexNet(nn.Module):
                  width: float = 1.0, **overrides):
         super().__init__()
         self.options = resolve_options(preset, **overrides)
-        self.preset, self.width = preset, width
+        self.preset = preset
         if len(devices) != 2:
             raise ValueError(f"devices must name two devices (one per tower), got {list(devices)}")
         if not width > 0:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from repro import __version__
 from repro.errors import PrepareError
-from repro.io import atomic_write, free_space, human, locked, remove_temporaries, write_json
+from repro.io import atomic_write, disk_full, free_space, human, locked, remove_temporaries, write_json
 from repro.progress import Progress, progress
 from repro.store import FORMAT, SIZE, usable_rows
 
@@ -315,7 +315,7 @@ def reserve(path: Path) -> None:
         try:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(error):
                 raise PrepareError(f"disk full: {path} could not be reserved ({human(free_space(path.parent))} free "
                                    "there); free some space and run the same command again") from None
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):

@@ -103,6 +103,6 @@ class Progress:
         self.bar.close()
 
 
-def progress(iterable, desc: str, total: int, unit: str = "it", initial: int = 0, every: float = 60.0):
-    """`iterable`'s items, counting each as one unit of `desc`."""
-    return Progress(desc, total, unit, initial, every).iterate(iterable)
+def progress(iterable, desc: str | None, total: int, unit: str = "it", initial: int = 0, every: float = 60.0):
+    """`iterable`'s items, counting each as one unit of `desc`; with `desc` None, silently."""
+    return iterable if desc is None else Progress(desc, total, unit, initial, every).iterate(iterable)

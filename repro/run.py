@@ -20,8 +20,8 @@ from repro.optim import PaperSGD, Schedule, load_state, param_groups
 from repro.runtime import set_determinism
 from repro.store import PreparedStore
 
-# Settings a resumed run must share with the checkpoint (anything else, e.g. the learning rate, may change).
 log = logging.getLogger("repro")
+# Settings a resumed run must share with the checkpoint (anything else, e.g. the learning rate, may change).
 FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "seed")
 
 

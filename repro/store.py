@@ -25,6 +25,12 @@ def usable_rows(split_info: dict) -> np.ndarray:
     return np.array([r for r in range(split_info["rows"]) if r not in skipped], dtype=np.int64)
 
 
+def seeded_subset(count: int, limit: int, seed: int) -> np.ndarray:
+    """`limit` distinct positions of 0..count-1, in order, drawn from the seed's own stream for subsets (the same
+    subset for a seed whatever else the run draws)."""
+    return np.sort(np.random.default_rng([seed, 7]).choice(count, limit, replace=False))
+
+
 class PreparedStore:
     """A complete store folder: its manifest, splits and statistics."""
 
@@ -89,8 +95,7 @@ class Split:
         """A seeded random `limit` of the rows, in row order (all of them when `limit` is None or larger)."""
         if limit is None or limit >= len(self):
             return self
-        return Split(self.images_path, self.labels,
-                     np.sort(np.random.default_rng([seed, 7]).choice(self.rows, limit, replace=False)))
+        return Split(self.images_path, self.labels, np.sort(self.rows[seeded_subset(len(self), limit, seed)]))
 
     def part(self, index: int, parts: int) -> "Split":
         """Contiguous share `index` of `parts` of the rows (one rank's share of the validation images)."""

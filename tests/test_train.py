@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import command, tiny_cfg
-from repro.cli import report_main, resume_main
+from repro.cli import report_main, resume_main, two_gpus_main
 from repro.errors import RunError
 from repro.distributed import World
 from repro.loop import FlatLossWatch, StopSignals, Stopped
@@ -237,6 +237,22 @@ def test_checkpoints_resume_with_any_number_of_gpus(demo_store, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", untouchable)
     metrics = train(tiny_cfg(demo_store, tmp_path, "schedule.max_epochs=2", "devices=[cpu,cpu]"))
     assert metrics["epoch"] == 2 and metrics["step"] == 8
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_repro_gpus_refuses_fewer_than_two_gpus_with_trainings_message(gpus, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert two_gpus_main([]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("repro-gpus: error: this experiment is the paper's two-GPU setting and needs two GPUs, "
+                            f"but {gpus} {'is' if gpus == 1 else 'are'} visible") and "devices=[cpu,cpu]" in error
+
+
+def test_repro_gpus_names_the_two_gpus(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU model {i}")
+    assert two_gpus_main([]) == 0
+    assert capsys.readouterr().out.strip() == "2 GPUs: GPU model 0, GPU model 1"
 
 
 def test_paper_experiment_refuses_one_device_unless_told(demo_store, tmp_path):

@@ -21,7 +21,7 @@ import yaml
 from repro.errors import RunError
 from repro.evaluate import METRIC_LABELS, PAPER_METRICS
 from repro.io import atomic_write, flatten, write_json
-from repro.reports.paper import ABLATIONS
+from repro.reports.paper import ABLATIONS, COMPARABLE, cell
 
 # Settings that say where or how verbosely a job ran, not what it computed: never reported as a variant's change.
 NOT_A_CHANGE = ("run_dir", "name", "devices", "seed", "data.store", "data.workers", "log_every", "checkpoint_every",
@@ -159,19 +159,12 @@ def summarise(sweep_dir: Path | str) -> dict:
     return summary
 
 
-def cell(value: float | None, std: float | None = None, signed: bool = False) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:+.2f}" if signed else f"{value:.2f}"
-    return f"{text} ± {std:.2f}" if std is not None else text
-
-
 def render_markdown(summary: dict) -> str:
     scale = summary["dataset"] or "unknown data (no job finished)"
     lines = [f"# Ablation sweep {summary['sweep']}", "",
              f"Data: {scale}. Error rates in percent; Δ is the variant minus the baseline ({summary['baseline']}); "
              "the paper's Δ is for 10 patches on ILSVRC-2012 validation.", ""]
-    if summary["dataset"] != "ILSVRC-2012" or not summary["val_complete"]:
+    if summary["dataset"] != COMPARABLE or not summary["val_complete"]:
         lines += ["**Not comparable with the paper's numbers**: this sweep did not train and evaluate on the whole of "
                   "ILSVRC-2012, so its differences show the mechanics, not the paper's effects.", ""]
     header = (["ablation", "variant", "changes from the baseline", "seeds"] + [METRIC_LABELS[k] for k in PAPER_METRICS]

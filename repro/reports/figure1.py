@@ -38,6 +38,7 @@ from repro.errors import RunError  # noqa: E402
 from repro.io import write_json  # noqa: E402
 from repro.progress import Progress  # noqa: E402
 from repro.runtime import environment  # noqa: E402
+from repro.store import seeded_subset  # noqa: E402
 
 log = logging.getLogger("repro")
 
@@ -92,7 +93,7 @@ def load_images(path: Path, download: bool = False, limit: int | None = None,
     else:
         pixels, labels, classes = _class_folders(path)
     if limit is not None and limit < len(labels):
-        keep = np.sort(np.random.default_rng([seed, 7]).choice(len(labels), limit, replace=False))
+        keep = seeded_subset(len(labels), limit, seed)
         pixels, labels = pixels[keep], labels[keep]
     images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(labels).long(), classes

@@ -84,9 +84,7 @@ def fc7_batches(model: AlexNet, augment: Augment, split: Split, batch_size: int,
     `start_step`, the model in eval mode, with a progress bar when `desc` is given."""
     model.eval()
     loader = batches(split, batch_size, shuffle=False, drop_last=False, workers=workers, start_step=start_step)
-    if desc:
-        loader = progress(loader, desc, -(-len(split) // batch_size), "batch", initial=start_step)
-    for images, _ in loader:
+    for images, _ in progress(loader, desc, -(-len(split) // batch_size), "batch", initial=start_step):
         yield logits_and_fc7(model, augment.test_views(images, ten_crop=False))
 
 

@@ -30,15 +30,20 @@ REFERENCES = [
 COMPARABLE = "ILSVRC-2012"  # the published rows are on its validation set
 
 
+def cell(value: float | None, std: float | None = None, signed: bool = False) -> str:
+    """A table cell for an error rate in percent (or a difference, `signed`), with its std over seeds if given."""
+    if value is None:
+        return "–"
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return f"{text} ± {std:.2f}" if std is not None else text
+
+
 def comparison_table(metrics: dict, dataset: str) -> str:
     """A Markdown table of this run beside the published numbers; with this run's difference from each only when
     the run is on the same data (ILSVRC-2012)."""
 
-    def cell(value):
-        return "–" if value is None else f"{value:.2f}"
-
     def difference(ref):
-        return ", ".join(f"{label} {metrics[k] - ref[k]:+.2f}" for k, label in METRIC_LABELS.items()
+        return ", ".join(f"{label} {cell(metrics[k] - ref[k], signed=True)}" for k, label in METRIC_LABELS.items()
                          if ref[k] is not None and metrics.get(k) is not None) or "–"
 
     comparable = dataset == COMPARABLE
