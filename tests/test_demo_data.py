@@ -15,7 +15,7 @@ from helpers import command
 from repro import demo_data
 from repro.demo_data import DEVKIT_TAR, MAX_CLASSES, TRAIN_TAR, VAL_TAR, make_demo_data
 from repro.errors import RunError
-from repro.prepare import read_devkit
+from repro.sources import read_devkit
 
 
 def tar_members(source):
