@@ -58,6 +58,27 @@ def _test_images(images: dict) -> list[tuple[str, bytes]]:
     return [(f"ILSVRC2012_test_{i:08d}.JPEG", data) for i, (_, _, data) in enumerate(images["val"][:3], start=1)]
 
 
+def write_archives(images: dict, root: Path, devkit_ids: dict[str, int]) -> Path:
+    """image-net.org's ILSVRC2012_img_train.tar (a tar of <wnid>.tar), ILSVRC2012_img_val.tar (flat) and the
+    devkit (as its extracted ILSVRC2012_devkit_t12/ folder), whose ILSVRC2012_IDs are `devkit_ids`."""
+    from devkit import write_devkit
+
+    per_class: dict[str, list] = {}
+    for wnid, name, data in images["train"]:
+        per_class.setdefault(wnid, []).append((name, data))
+    inner = {}
+    for wnid, files in per_class.items():
+        _write_tar(root / f"{wnid}.tar", files)
+        inner[wnid] = (root / f"{wnid}.tar").read_bytes()
+        (root / f"{wnid}.tar").unlink()
+    _write_tar(root / "ILSVRC2012_img_train.tar", [(f"{wnid}.tar", data) for wnid, data in inner.items()])
+    _write_tar(root / "ILSVRC2012_img_val.tar", [(name, data) for name, _, data in images["val"]])
+    numbers = {int(name[15:23]): label for name, label, _ in images["val"]}
+    truth = [devkit_ids[images["wnids"][numbers[n]]] if n in numbers else 1 for n in range(1, max(numbers) + 1)]
+    write_devkit(root / "ILSVRC2012_devkit_t12", {i: wnid for wnid, i in devkit_ids.items()}, truth)
+    return root
+
+
 def write_folders(images: dict, root: Path) -> Path:
     """train/<wnid>/<file> and val/<wnid>/<file> (valprep.sh's layout; no devkit)."""
     for wnid, name, data in images["train"]:

@@ -13,7 +13,7 @@ import zlib
 from pathlib import Path
 
 from repro.errors import PrepareError
-from repro.sources.classes import label_of
+from repro.sources.classes import classes_of, label_of
 from repro.sources.common import VAL_NAME, WNID, Found, Source, folder_files, log, relative, tar_files
 
 TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -159,13 +159,10 @@ def read(raw: Path, kinds: set[str], skip_bad: bool) -> Found:
                            f"its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
     devkit = read_devkit(devkit_path) if devkit_path else None
     if devkit:
-        classes = sorted(devkit[0].values())
-    elif "folders" in kinds and (raw / "train").is_dir():
-        classes = sorted(p.name for p in (raw / "train").iterdir() if p.is_dir())
-    elif "folders" in kinds and (raw / "val").is_dir():
-        classes = sorted(p.name for p in (raw / "val").iterdir() if p.is_dir())
-    else:
-        classes = []
+        classes, names = sorted(devkit[0].values()), None
+    else:  # class folders: ILSVRC-2012's 1000 classes if they are among them (a missing folder shifts no label)
+        classes, names = classes_of(p.name for split in ("train", "val") if "folders" in kinds and
+                                    (raw / split).is_dir() for p in (raw / split).iterdir() if p.is_dir())
     class_index = {wnid: i for i, wnid in enumerate(classes)}
     listed_in = "the devkit" if devkit else "the class folders"
     val_layout, val = val_sources(raw, kinds, class_index, listed_in, devkit)  # first: quick; it may need the devkit
@@ -175,7 +172,7 @@ def read(raw: Path, kinds: set[str], skip_bad: bool) -> Found:
                            f"{VAL_TAR} or val/ (flat, with {DEVKIT_TAR}) or val/<wnid>/")
     signatures = {"archives": archives_signature(raw), "folders": folders_signature(raw)}
     used = [kind for kind in ("archives", "folders") if kind in kinds and signatures[kind]]
-    found = Found("+".join(used), classes, [devkit[2][wnid] for wnid in classes] if devkit else None,
+    found = Found("+".join(used), classes, [devkit[2][wnid] for wnid in classes] if devkit else names,
                   files=[file for kind in used for file in signatures[kind]]
                   + ([relative(devkit_path, raw)] if devkit_path else []),
                   labels="WNIDs of the class archives or folders; flat validation images: the devkit's ground truth "
