@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from layouts import WRITERS, demo_images, parquet_table
+from repro.cli import prepare_main
 from repro.config import composed
 from repro.errors import PrepareError, RunError
 from repro.prepare import prepare
@@ -246,6 +247,11 @@ def test_parquet_without_pyarrow_names_the_extra(layouts, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
     with pytest.raises(PrepareError, match=r"reading parquet shards needs pyarrow.*pip install -e '.\[parquet\]'"):
         plan(layouts["hf_parquet"])
+
+
+def test_the_command_passes_source_on(layouts, tmp_path, capsys):
+    assert prepare_main([f"raw={layouts['hf_tar']}", f"store={tmp_path / 'o'}", "source=kaggle"]) == 2
+    assert "source=kaggle: " in capsys.readouterr().err
 
 
 def test_source_is_a_layout_name():
