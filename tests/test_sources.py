@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from layouts import WRITERS, demo_images, parquet_table
 from repro.cli import prepare_main
 from repro.config import composed
 from repro.errors import PrepareError, RunError
-from repro.prepare import prepare
+from repro.prepare import parallel, prepare
 from repro.sources import LAYOUTS, Reader, chunks, plan
 from repro.sources import reading
 from repro.sources.classes import ilsvrc2012, names_are_ilsvrc2012
@@ -72,6 +73,12 @@ def test_every_layout_prepares_the_same_store(layouts, demo_store, tmp_path, lay
             assert (tmp_path / "store" / split / name).read_bytes() == (demo_store / split / name).read_bytes(), name
     with np.load(tmp_path / "store" / "stats.npz") as ours, np.load(demo_store / "stats.npz") as theirs:
         assert ours.files == theirs.files and all(np.array_equal(ours[k], theirs[k]) for k in ours.files)
+
+
+def test_shards_are_indexed_in_worker_processes_as_a_real_preparation_does(layouts):
+    """prepare() indexes shards with `parallel` (one shard a task, results in any order) unless workers=1."""
+    for name in ("hf_tar", "wds"):
+        assert plan(layouts[name], pool_map=partial(parallel, workers=2)) == plan(layouts[name]), name
 
 
 def test_tar_gz_shards_are_read_once_in_order_and_parquet_a_row_group_a_chunk(layouts, monkeypatch):
@@ -203,6 +210,12 @@ def remove(raw: Path, *names: str) -> Path:
      r"test-\*.parquet shards have no labels"),
     ("wds", lambda raw: [remove(raw, p.name) for p in raw.glob("imagenet1k-train-*")],
      "validation shards' .cls integers can only be checked against the training shards"),
+    ("hf_parquet", lambda raw: (raw / "data/train-00000-of-00002.parquet").write_bytes(
+        (raw / "data/train-00000-of-00002.parquet").read_bytes()[:-100]),
+     r"train-00000-of-00002.parquet is truncated or damaged .*download it again"),
+    ("wds", lambda raw: (raw / "_info.json").write_text("{"), r"_info.json is damaged"),
+    ("wds", lambda raw: shutil.copy(raw / "imagenet1k-validation-00.tar", raw / "imagenet1k-validation-01.tar"),
+     r"imagenet1k-validation-0[01].tar: val/ILSVRC2012_val_\d+.JPEG is in the input twice"),
 ])
 def test_bad_input_is_one_line_naming_the_file(layouts, tmp_path, layout, damage, message):
     raw = copy(layouts, layout, tmp_path)

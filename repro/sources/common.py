@@ -44,9 +44,15 @@ class Found:
     devkit: str | None = None
 
     def add_split(self, name: str, layout: str, sources: list[Source], skipped: list | None = None) -> None:
+        """A split's images, sorted by name; one name twice (an image in two shards) is an error."""
+        sources = sorted(sources, key=lambda s: s.name)
+        twice = next((a for a, b in zip(sources, sources[1:]) if a.name == b.name), None)
+        if twice:
+            raise PrepareError(f"{twice.path}: {twice.name} is in the input twice (also in "
+                               f"{next(s.path for s in sources if s.name == twice.name and s != twice)}); a "
+                               "damaged or mixed download: download it again")
         if sources:
-            self.splits[name] = {"layout": layout, "sources": sorted(sources, key=lambda s: s.name),
-                                 "skipped_archives": skipped or []}
+            self.splits[name] = {"layout": layout, "sources": sources, "skipped_archives": skipped or []}
 
 
 def tar_files(path: Path, fileobj=None, base: int = 0):

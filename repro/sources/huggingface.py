@@ -168,7 +168,7 @@ def read_parquet(raw: Path) -> Found:
                     rows["train" if split == "train" else "val"] += [
                         (path, group, row, label, (image or {}).get("path"))
                         for row, (label, image) in enumerate(zip(labels, paths))]
-            except OSError as error:  # pyarrow's ArrowInvalid and ArrowIOError are OSErrors
+            except (OSError, ValueError) as error:  # pyarrow's ArrowIOError, and ArrowInvalid for a damaged file
                 raise PrepareError(f"{path} is truncated or damaged ({error}); download it again") from None
     return parquet_found(raw, names, rows, files)
 

@@ -58,15 +58,19 @@ def list_shard(path: str) -> tuple[str, list[tuple[str, int, int, int]]]:
 def shards(raw: Path) -> dict[str, list[Path]]:
     """Each split's shards, checked whole against _info.json's list, or the dataset card's counts."""
     found = numbered(raw, SHARD)
-    info = json.loads((raw / INFO).read_text()).get("splits", {}) if (raw / INFO).is_file() else {}
+    try:
+        info = {split: list(entry["filenames"]) for split, entry in
+                json.loads((raw / INFO).read_text())["splits"].items()} if (raw / INFO).is_file() else {}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PrepareError(f"{raw / INFO} is damaged ({type(error).__name__}: {error}); download it again") from None
     whole = {}
     for split, numbers in found.items():
         if split in info:
-            missing = [name for name in info[split]["filenames"] if not (raw / name).is_file()]
+            missing = [name for name in info[split] if not (raw / name).is_file()]
             if missing:
-                raise PrepareError(f"{raw}: {len(missing)} of the {len(info[split]['filenames'])} {split} shards "
-                                   f"listed in {INFO} are missing ({', '.join(missing[:5])}): download them")
-            whole[split] = [raw / name for name in info[split]["filenames"]]
+                raise PrepareError(f"{raw}: {len(missing)} of the {len(info[split])} {split} shards listed in {INFO} "
+                                   f"are missing ({', '.join(missing[:5])}): download them")
+            whole[split] = [raw / name for name in info[split]]
         else:
             width = len(SHARD.match(numbers[min(numbers)].name).group(2))
             whole[split] = check_whole(numbers, SHARDS[split], f"imagenet1k-{split}-{{:0{width}d}}.tar",
