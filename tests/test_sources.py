@@ -171,7 +171,7 @@ def test_real_wnids_get_all_1000_classes_and_their_names(images, tmp_path, layou
     wnids, words = ilsvrc2012()
     real_wnid = {wnid: wnids[0 if i < 2 else 999] for i, wnid in enumerate(images["wnids"])}
     real = {"wnids": list(wnids), "words": list(words),
-            "train": [(real_wnid[w], n.replace(w, real_wnid[w]), d) for w, n, d in images["train"]],
+            "train": [(real_wnid[w], f"{real_wnid[w]}_{k}.JPEG", d) for k, (w, _, d) in enumerate(images["train"])],
             "val": [(n, wnids.index(real_wnid[images["wnids"][label]]), d) for n, label, d in images["val"]]}
     work = plan(WRITERS[layout](real, tmp_path / layout))
     assert work["classes"] == list(wnids) and work["class_names"] == list(words)
