@@ -31,9 +31,10 @@ $(INSTALLED): setup.cfg pyproject.toml
 
 install: $(INSTALLED) ## create .venv and install repro (editable) with its test extra
 
-# The tests also cover the sweeps' SLURM and GPU-pair launchers, so they install the optional cluster extra too.
+# The tests also cover the sweeps' SLURM and GPU-pair launchers and the parquet reader, so they install the optional
+# cluster and parquet extras too.
 $(TESTED): $(INSTALLED)
-	$(BIN)/python -m pip install --quiet -e '.[test,cluster]'
+	$(BIN)/python -m pip install --quiet -e '.[test,cluster,parquet]'
 	touch $@
 
 test: $(TESTED) ## the test suite without the slow tests (sets itself up first)
@@ -46,7 +47,7 @@ train: prepare-demo ## the whole job on the demo data: generate, prepare, train,
 	$(BIN)/repro-train experiment=demo $(ARGS)
 
 train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet RAW=/path/to/ilsvrc [STORE=...] [ARGS=...]
-	@test -n "$(RAW)" || { echo "usage: make train-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)]" >&2; exit 2; }
+	@test -n "$(RAW)" || { echo "usage: make train-imagenet RAW=<folder with ILSVRC-2012 in a layout docs/data.md lists> [STORE=$(STORE)]" >&2; exit 2; }
 	@case "$(ARGS)" in *devices=*) ;; *) $(BIN)/repro-gpus ;; esac  # two GPUs, before hours of preparation
 	test -f $(STORE)/manifest.json || $(BIN)/repro-prepare raw=$(RAW) store=$(STORE)
 	$(BIN)/repro-train experiment=paper data.store=$(STORE) $(ARGS)
@@ -130,7 +131,7 @@ prepare-demo: demo-data ## prepare the demo set into data/demo/store (its one tr
 	$(BIN)/repro-prepare raw=$(DEMO_RAW) store=$(DEMO_STORE) skip_bad=true
 
 prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagenet RAW=/path/to/ilsvrc [STORE=/fast/disk/store]
-	@test -n "$(RAW)" || { echo "usage: make prepare-imagenet RAW=<folder with the ILSVRC-2012 archives or train/ val/> [STORE=$(STORE)] [ARGS=skip_bad=true]" >&2; exit 2; }
+	@test -n "$(RAW)" || { echo "usage: make prepare-imagenet RAW=<folder with ILSVRC-2012 in a layout docs/data.md lists> [STORE=$(STORE)] [ARGS='source=... skip_bad=true']" >&2; exit 2; }
 	$(BIN)/repro-prepare raw=$(RAW) store=$(STORE) $(ARGS)
 
 preflight: $(INSTALLED) ## a new box's first command (numerics, placement, randomness, speed): make preflight [STORE=...] [ARGS=...]

@@ -198,7 +198,8 @@ def report_main(argv: list[str]) -> int:
 @entry_point("repro-prepare")
 def prepare_main(argv: list[str]) -> int:
     cfg = settings("repro-prepare", "prepare", argv)
-    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft)
+    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft,
+            source=cfg.source.name if cfg.source else None)
     return 0
 
 

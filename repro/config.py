@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from repro import data as data_lib
 from repro import model as model_lib
 from repro import optim as optim_lib
+from repro import sources as sources_lib
 from repro import speed as speed_lib
 from repro.errors import RunError
 
@@ -200,14 +201,20 @@ class EvalConfig:
 # The other commands' settings (repro/cli.py), given as key=value like the training's.
 
 
+Layout = choices("Layout", sources_lib.LAYOUTS)
+
+
 @dataclass
 class PrepareConfig:
-    """Prepare ILSVRC-2012 once (§2): raw=<folder with the three archives, or train/ and val/ folders>
-    store=<folder for the prepared store, ~250 GB>; skip_bad=true leaves unreadable files out; workers: processes
-    (null: every core); draft=false decodes large JPEGs at full size."""
+    """Prepare ILSVRC-2012 once (§2): raw=<folder with ILSVRC-2012 in any layout docs/data.md lists: image-net.org's
+    archives or extracted folders, Kaggle's, Hugging Face's tar.gz or parquet shards, timm's WebDataset shards>
+    store=<folder for the prepared store, ~250 GB>; source: the layout (null: the one raw holds); skip_bad=true
+    leaves unreadable files out; workers: processes (null: every core); draft=false decodes large JPEGs at full
+    size."""
 
     raw: str = MISSING
     store: str = MISSING
+    source: Optional[Layout] = None
     skip_bad: bool = False
     workers: Optional[int] = limited(None, at_least=1)
     draft: bool = True

@@ -2,7 +2,8 @@
 crop, RGB uint8, into one memory-mapped array per split, with labels, the source of every row and a manifest;
 then the training set's statistics (per-pixel mean image, RGB covariance and its eigen-decomposition, §4.1).
 
-Input: whatever `repro.sources.plan` finds in the raw folder (the layouts are listed there).
+Input: whatever `repro.sources.plan` finds in the raw folder, in any of the layouts listed there; the manifest
+records which (`source`).
 
 Output (`OUT/`): `<split>/images.npy` (N x 256 x 256 x 3 uint8, memory-mapped), `<split>/labels.npy`
 (sorted-WNID indices, 0 = n01440764), `<split>/sources.tsv` (where each row came from), `<split>/crc32.npy`
@@ -23,8 +24,10 @@ import os
 import platform
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ from repro import __version__
 from repro.errors import PrepareError
 from repro.io import atomic_write, disk_full, free_space, human, locked, remove_temporaries, write_json
 from repro.progress import Progress, progress
-from repro.sources import Reader, Source, plan
+from repro.sources import Reader, Source, chunks, plan
 from repro.store import FORMAT, SIZE, usable_rows
 
 RESIZE = Image.Resampling.BILINEAR  # the paper names none; Pillow's bilinear is antialiased when shrinking
@@ -73,12 +76,13 @@ def _open_worker(out: str, split: str, draft: bool) -> None:
                    crc=np.load(Path(out, split, "crc32.npy"), mmap_mode="r+"), draft=draft, reader=Reader())
 
 
-def _convert_rows(rows: list[tuple[int, Source]]) -> list[tuple[int, str | None]]:
-    """Convert a chunk of rows straight into the store; return (row, error or None) for each."""
+def _convert_rows(rows: list[tuple[int, Source, bytes | None]]) -> list[tuple[int, str | None]]:
+    """Convert a chunk of rows straight into the store, reading each source's bytes unless the chunk brings them
+    (repro.sources.chunks); return (row, error or None) for each."""
     results = []
-    for row, source in rows:
+    for row, source, data in rows:
         try:
-            pixels = load_256(_worker["reader"].read(source), _worker["draft"])
+            pixels = load_256(data if data is not None else _worker["reader"].read(source), _worker["draft"])
             _worker["images"][row] = pixels
             _worker["crc"][row] = zlib.crc32(pixels.tobytes())
             results.append((row, None))
@@ -144,14 +148,21 @@ def start_split(out: Path, split: str, sources: list[Source]) -> None:
         atomic_write(folder / "progress.npy", lambda f: np.save(f, np.zeros(len(sources), np.uint8)))
 
 
-def parallel(function, tasks: list, workers: int, initializer=None, initargs: tuple = ()):
-    """`function` of every task in `workers` processes, yielding the results as they come. A worker's death (the
-    kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor notices it and fails,
-    where multiprocessing.Pool would wait forever for the dead worker's task."""
+def parallel(function, tasks, workers: int, initializer=None, initargs: tuple = ()):
+    """`function` of every task in `workers` processes, yielding the results as they come. The tasks are taken
+    from their iterable as the workers need them (two each in hand), so a task may carry data read just now. A
+    worker's death (the kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor
+    notices it and fails, where multiprocessing.Pool would wait forever for the dead worker's task."""
     executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer, initargs)
+    tasks, pending = iter(tasks), set()
     try:
-        for future in as_completed([executor.submit(function, task) for task in tasks]):
-            yield future.result()
+        while True:
+            pending |= {executor.submit(function, task) for task in islice(tasks, 2 * workers - len(pending))}
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
     except BrokenProcessPool:
         raise PrepareError("a worker process died (killed by the system, e.g. out of memory or a full disk, or by a "
                            "signal); what is done is kept: run the same command again to continue (fewer workers= "
@@ -165,10 +176,9 @@ def convert_split(out: Path, split: str, sources: list[Source], workers: int, dr
     """Convert every row not yet done, with `workers` processes; returns {row: error} for the files that failed."""
     status = np.load(out / split / "progress.npy", mmap_mode="r+")
     todo = [(row, s) for row, s in enumerate(sources) if status[row] != DONE]
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     errors = {}
     with Progress(f"prepare {split}", len(sources), "img", initial=len(sources) - len(todo)) as bar:
-        for results in parallel(_convert_rows, chunks, workers, _open_worker, (str(out), split, draft)):
+        for results in parallel(_convert_rows, chunks(todo, chunk), workers, _open_worker, (str(out), split, draft)):
             for row, error in results:
                 status[row] = BAD if error else DONE
                 if error:
@@ -207,9 +217,10 @@ def _partial_sums(part):
 
 
 def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = None, draft: bool = True,
-            chunk: int = 32) -> dict:
-    """Prepare `raw` into `out` (see the module docstring); returns the manifest. Raises PrepareError on bad input,
-    and, unless `skip_bad`, after converting everything else, when some files could not be read."""
+            chunk: int = 32, source: str | None = None) -> dict:
+    """Prepare `raw` (in the layout `source`, or the one it holds) into `out` (see the module docstring); returns
+    the manifest. Raises PrepareError on bad input, and, unless `skip_bad`, after converting everything else, when
+    some files could not be read."""
     workers = workers or os.cpu_count() or 1
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "store preparation"):  # for the whole preparation: a second one into `out` is refused
@@ -217,19 +228,20 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
             log.info(f"{out} is already a complete prepared store (manifest.json); nothing to do")
             return json.loads((out / "manifest.json").read_text())
         remove_temporaries(out)  # what a killed preparation was writing
-        return _prepare(raw, out, skip_bad, workers, draft, chunk)
+        return _prepare(raw, out, skip_bad, workers, draft, chunk, source)
 
 
-def _prepare(raw: Path, out: Path, skip_bad: bool, workers: int, draft: bool, chunk: int) -> dict:
+def _prepare(raw: Path, out: Path, skip_bad: bool, workers: int, draft: bool, chunk: int,
+             source: str | None) -> dict:
     t0 = time.time()
     log.info(f"indexing {raw} ...")
-    work = plan(raw, skip_bad)
+    work = plan(raw, source, skip_bad, map if workers == 1 else partial(parallel, workers=workers))
     check_space(out, sum(len(info["sources"]) for split, info in work["splits"].items()
                          if not (out / split / "progress.npy").is_file()))
     for split, info in work["splits"].items():  # both before any conversion: every byte reserved up front
         start_split(out, split, info["sources"])
     manifest = {"format": FORMAT, "repro": __version__, "created": None, "raw": work["raw"],
-                "devkit": work["devkit"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
+                "devkit": work["devkit"], "source": work["source"], "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
                 "central 256x256 crop, RGB", "draft": draft, "classes": work["classes"],
                 "class_names": work["class_names"],
                 "versions": {"python": platform.python_version(), "pillow": PIL.__version__,

@@ -1,39 +1,30 @@
-"""The raw input of a preparation, read side: where ILSVRC-2012's images and labels are, in whichever layout the user
-has, and their bytes. `repro.prepare` converts what `plan` lists into a store.
-
-Layouts: the archives as ImageNet distributes them (`ILSVRC2012_img_train.tar`, a tar of per-class tars;
-`ILSVRC2012_img_val.tar`; `ILSVRC2012_devkit_t12.tar.gz`), or extracted folders (`train/<wnid>/*.JPEG`; `val/`
-flat with the devkit, or `val/<wnid>/`). Images are read straight out of the (uncompressed) tars by byte range,
-so nothing is extracted. Labels are sorted-WNID indices (0 = n01440764) whatever the input's own convention.
+"""image-net.org's own layouts: the archives as distributed (`archives`: `ILSVRC2012_img_train.tar`, a tar of
+per-class tars; `ILSVRC2012_img_val.tar`; `ILSVRC2012_devkit_t12.tar.gz`), and extracted folders (`folders`:
+`train/<wnid>/*.JPEG`; `val/` flat with the devkit, or `val/<wnid>/`). The two mix (e.g. the train archive and an
+extracted val/). Images are read straight out of the uncompressed tars by byte range, so nothing is extracted. The
+devkit's ILSVRC2012_IDs are converted to sorted-WNID labels through its own meta.mat.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import re
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from repro.errors import PrepareError
+from repro.sources.classes import classes_of, label_of
+from repro.sources.common import VAL_NAME, WNID, Found, Source, folder_files, log, relative, tar_files
 
 TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
-VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$")
-WNID = re.compile(r"n\d{8}$")
-log = logging.getLogger("repro")
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where one image's bytes are: `size` bytes at `offset` in `path` (a file, or a tar read by byte range)."""
+def archives_signature(raw: Path) -> list[str]:
+    return [name for name in (TRAIN_TAR, VAL_TAR) if (raw / name).is_file()]
 
-    name: str
-    path: str
-    offset: int
-    size: int
-    label: int
+
+def folders_signature(raw: Path) -> list[str]:
+    return [f"{name}/" for name in ("train", "val") if (raw / name).is_dir()]
 
 
 def read_devkit(path: Path) -> tuple[dict[int, str], list[int], dict[str, str]]:
@@ -73,19 +64,6 @@ def read_devkit(path: Path) -> tuple[dict[int, str], list[int], dict[str, str]]:
                            f"{error}); the devkit is damaged: download {DEVKIT_TAR} again") from None
 
 
-def tar_files(path: Path, fileobj=None, base: int = 0):
-    """(name, absolute byte offset, size) of every regular file in an uncompressed tar."""
-    with tarfile.open(name=None if fileobj else path, fileobj=fileobj, mode="r:") as tar:
-        for member in tar:
-            if member.isfile():
-                yield member.name, base + member.offset_data, member.size
-
-
-def folder_files(folder: Path):
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        yield path, path.stat().st_size
-
-
 def find_devkit(raw: Path) -> Path | None:
     for candidate in (raw / DEVKIT_TAR, raw / "ILSVRC2012_devkit_t12"):
         if candidate.exists():
@@ -93,11 +71,12 @@ def find_devkit(raw: Path) -> Path | None:
     return None
 
 
-def train_sources(raw: Path, class_index: dict[str, int], skip_bad: bool) -> tuple[str, list[Source], list]:
-    """Every training image, sorted by WNID then file name, labelled through `class_index`, and the class archives
-    left out (not a tar, or no images in it), which are an error unless `skip_bad`."""
+def train_sources(raw: Path, kinds: set[str], class_index: dict[str, int], listed_in: str,
+                  skip_bad: bool) -> tuple[str, list[Source], list]:
+    """Every training image labelled through `class_index`, and the class archives left out (not a tar, or no
+    images in it), which are an error unless `skip_bad`."""
     sources, unusable = [], []
-    if (raw / TRAIN_TAR).is_file():
+    if "archives" in kinds and (raw / TRAIN_TAR).is_file():
         layout, outer_path = f"{TRAIN_TAR} (tar of per-class tars)", raw / TRAIN_TAR
         try:
             with tarfile.open(outer_path, mode="r:") as outer:
@@ -107,7 +86,7 @@ def train_sources(raw: Path, class_index: dict[str, int], skip_bad: bool) -> tup
                     wnid = Path(member.name).name.removesuffix(".tar")
                     if not member.name.endswith(".tar") or not WNID.match(wnid):
                         raise PrepareError(f"{outer_path}: member {member.name!r} is not a <wnid>.tar class archive")
-                    label = class_label(wnid, class_index, f"{outer_path}:{member.name}")
+                    label = label_of(wnid, class_index, f"{outer_path}:{member.name}", "the devkit")
                     try:
                         files = list(tar_files(outer_path, outer.extractfile(member), member.offset_data))
                     except tarfile.TarError as error:
@@ -126,37 +105,38 @@ def train_sources(raw: Path, class_index: dict[str, int], skip_bad: bool) -> tup
                                "records them)")
         for u in unusable:
             log.warning(f"{outer_path}: left out {u['file']}: {u['error']} (skip_bad=true)")
-    elif (raw / "train").is_dir():
+    elif "folders" in kinds and (raw / "train").is_dir():
         layout = "train/<wnid>/ folders"
         for folder in sorted(p for p in (raw / "train").iterdir() if p.is_dir()):
-            label = class_label(folder.name, class_index, str(folder))
+            label = label_of(folder.name, class_index, str(folder), listed_in)
             for path, size in folder_files(folder):
                 sources.append(Source(f"train/{folder.name}/{path.name}", str(path), 0, size, label))
     else:
         return "absent", [], []
-    sources.sort(key=lambda s: s.name)
     return layout, sources, unusable
 
 
-def val_sources(raw: Path, class_index: dict[str, int], devkit: tuple | None) -> tuple[str, list[Source]]:
-    """Every validation image, sorted by file name. Flat files get their labels from the devkit's ground truth
-    (line i = ILSVRC2012_ID of ILSVRC2012_val_i.JPEG), converted to sorted-WNID indices."""
-    if (raw / "val").is_dir() and any(p.is_dir() for p in (raw / "val").iterdir()):
+def val_sources(raw: Path, kinds: set[str], class_index: dict[str, int], listed_in: str, devkit: tuple | None):
+    """Every validation image. Flat files get their labels from the devkit's ground truth (line i =
+    ILSVRC2012_ID of ILSVRC2012_val_i.JPEG), converted to sorted-WNID indices."""
+    folders = "folders" in kinds and (raw / "val").is_dir()
+    if folders and any(p.is_dir() for p in (raw / "val").iterdir()):
         sources = []
         for folder in sorted(p for p in (raw / "val").iterdir() if p.is_dir()):
-            label = class_label(folder.name, class_index, str(folder))
+            label = label_of(folder.name, class_index, str(folder), listed_in)
             for path, size in folder_files(folder):
                 sources.append(Source(f"val/{path.name}", str(path), 0, size, label))
-        return "val/<wnid>/ folders", sorted(sources, key=lambda s: s.name)
-    if (raw / VAL_TAR).is_file():
+        return "val/<wnid>/ folders", sources
+    if "archives" in kinds and (raw / VAL_TAR).is_file():
         layout, files = f"{VAL_TAR} (flat)", [(n, str(raw / VAL_TAR), o, s) for n, o, s in tar_files(raw / VAL_TAR)]
-    elif (raw / "val").is_dir():
+    elif folders:
         layout, files = "val/ flat", [(p.name, str(p), 0, s) for p, s in folder_files(raw / "val")]
     else:
         return "absent", []
     if devkit is None:
         raise PrepareError(f"{raw}: the validation images are flat, so their labels must come from the devkit; "
-                           f"put {DEVKIT_TAR} (or its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
+                           f"put {DEVKIT_TAR} (or its extracted ILSVRC2012_devkit_t12/ folder) in {raw} (Kaggle's "
+                           "download: raw= is the folder that holds LOC_val_solution.csv)")
     id_to_wnid, ground_truth, _ = devkit
     sources = []
     for name, path, offset, size in files:
@@ -168,56 +148,36 @@ def val_sources(raw: Path, class_index: dict[str, int], devkit: tuple | None) ->
             raise PrepareError(f"{name}: the devkit ground truth has only {len(ground_truth)} lines")
         wnid = id_to_wnid[ground_truth[number - 1]]
         sources.append(Source(f"val/{Path(name).name}", path, offset, size, class_index[wnid]))
-    return layout, sorted(sources, key=lambda s: s.name)
+    return layout, sources
 
 
-def class_label(wnid: str, class_index: dict[str, int], where: str) -> int:
-    if wnid not in class_index:
-        raise PrepareError(f"{where}: {wnid!r} is not one of the {len(class_index)} classes of the devkit")
-    return class_index[wnid]
-
-
-def plan(raw: Path, skip_bad: bool = False) -> dict:
-    """Find the input, check it, and list every image of every split with its label."""
-    if not raw.is_dir():
-        raise PrepareError(f"{raw} is not a folder")
+def read(raw: Path, kinds: set[str], skip_bad: bool) -> Found:
+    """The images of `kinds` ("archives", "folders" or both) in `raw`, labelled by sorted WNID."""
     devkit_path = find_devkit(raw)
-    if devkit_path is None and (raw / TRAIN_TAR).is_file():
+    if devkit_path is None and "archives" in kinds and (raw / TRAIN_TAR).is_file():
         raise PrepareError(f"{raw} holds {TRAIN_TAR} but no devkit, which lists its classes: put {DEVKIT_TAR} (or "
                            f"its extracted ILSVRC2012_devkit_t12/ folder) in {raw}")
     devkit = read_devkit(devkit_path) if devkit_path else None
     if devkit:
-        classes = sorted(devkit[0].values())
-    elif (raw / "train").is_dir():
-        classes = sorted(p.name for p in (raw / "train").iterdir() if p.is_dir())
-    elif (raw / "val").is_dir():
-        classes = sorted(p.name for p in (raw / "val").iterdir() if p.is_dir())
-    else:
-        classes = []
+        classes, names = sorted(devkit[0].values()), None
+    else:  # class folders: ILSVRC-2012's 1000 classes if they are among them (a missing folder shifts no label)
+        classes, names = classes_of(p.name for split in ("train", "val") if "folders" in kinds and
+                                    (raw / split).is_dir() for p in (raw / split).iterdir() if p.is_dir())
     class_index = {wnid: i for i, wnid in enumerate(classes)}
-    val_layout, val = val_sources(raw, class_index, devkit)  # first: quick, and it may need the devkit
-    train_layout, train, unusable = train_sources(raw, class_index, skip_bad)
+    listed_in = "the devkit" if devkit else "the class folders"
+    val_layout, val = val_sources(raw, kinds, class_index, listed_in, devkit)  # first: quick; it may need the devkit
+    train_layout, train, unusable = train_sources(raw, kinds, class_index, listed_in, skip_bad)
     if not train and not val:
         raise PrepareError(f"{raw} holds no ILSVRC-2012 images: expected {TRAIN_TAR} or train/<wnid>/, and/or "
                            f"{VAL_TAR} or val/ (flat, with {DEVKIT_TAR}) or val/<wnid>/")
-    return {"raw": str(raw.resolve()), "devkit": str(devkit_path) if devkit_path else None, "classes": classes,
-            "class_names": [devkit[2][wnid] for wnid in classes] if devkit else None,
-            "splits": {name: {"layout": layout, "sources": sources, "skipped_archives": archives}
-                       for name, layout, sources, archives in (("train", train_layout, train, unusable),
-                                                               ("val", val_layout, val, []))
-                       if sources}}
-
-
-class Reader:
-    """Reads sources' bytes, keeping each file open for the next source in it (one reader per worker process)."""
-
-    def __init__(self):
-        self.files: dict[str, object] = {}
-
-    def read(self, source: Source) -> bytes:
-        handle = self.files.get(source.path) or self.files.setdefault(source.path, open(source.path, "rb"))
-        handle.seek(source.offset)
-        data = handle.read(source.size)
-        if not data:
-            raise OSError("empty file")
-        return data
+    signatures = {"archives": archives_signature(raw), "folders": folders_signature(raw)}
+    used = [kind for kind in ("archives", "folders") if kind in kinds and signatures[kind]]
+    found = Found("+".join(used), classes, [devkit[2][wnid] for wnid in classes] if devkit else names,
+                  files=[file for kind in used for file in signatures[kind]]
+                  + ([relative(devkit_path, raw)] if devkit_path else []),
+                  labels="WNIDs of the class archives or folders; flat validation images: the devkit's ground truth "
+                  "(ILSVRC2012_IDs, converted through its meta.mat)" if devkit else "WNIDs of the class folders",
+                  devkit=str(devkit_path) if devkit_path else None)
+    found.add_split("train", train_layout, train, unusable)
+    found.add_split("val", val_layout, val)
+    return found
