@@ -577,28 +577,36 @@ def check_randomness_resume(box: Box) -> Result:
             train_in_a_new_process(resume_overrides(store, folder / "one_gpu", one_gpu))
     except Exception as error:  # RunError, a kernel refusing deterministic mode, ...: the log says where
         return failed(f"training failed: {type(error).__name__}: {error}", log=buffer.getvalue()[-4000:])
-    resumed = "resuming" in (folder / "resumed" / "train.log").read_text()
-    a = load_checkpoint(folder / "uninterrupted" / "checkpoints" / "last.pt")
-    b = load_checkpoint(folder / "resumed" / "checkpoints" / "last.pt")
-    tensors = [(f"model.{k}", v, b["model"][k]) for k, v in a["model"].items()]
-    tensors += [(f"velocity.{i}", s["velocity"], b["optimizer"]["state"][i]["velocity"])
-                for i, s in a["optimizer"]["state"].items()]
-    different = [name for name, x, y in tensors if not torch.equal(x, y)]
+    same = same_training_state(folder / "uninterrupted", folder / "resumed")
+    different, compared = same["different"], same["compared"]
     steps = RESUME_EPOCHS * RESUME_IMAGES // RESUME_BATCH
-    ok = resumed and not different and a["global_step"] == b["global_step"] == steps
-    summary = (f"{RESUME_STOP} steps, a checkpoint, a resume in a new process and {steps - RESUME_STOP} more equal {steps} "
-               f"uninterrupted steps: {len(tensors) - len(different)} of {len(tensors)} weight and velocity tensors "
+    ok = same["resumed"] and not different and same["steps"] == [steps, steps]
+    summary = (f"{RESUME_STOP} steps, a checkpoint, a resume in a new process and {steps - RESUME_STOP} more equal "
+               f"{steps} uninterrupted steps: {compared - len(different)} of {compared} weight and velocity tensors "
                f"bit for bit (deterministic=true, on {', '.join(map(str, box.devices))})")
     if different:
         summary += f"; different: {different[:3]}"
-    if not resumed:
+    if not same["resumed"]:
         summary += "; but the second run did not resume (no 'resuming' in its train.log)"
     if box.two_gpus:
         finished = load_checkpoint(folder / "one_gpu" / "checkpoints" / "last.pt")["global_step"] == steps
         ok = ok and finished
         summary += f"; the step-{RESUME_STOP} checkpoint resumed on {one_gpu[0]} alone " + (
             "finished too" if finished else "did NOT finish")
-    return check_passes(ok, summary, different=different, steps=[a["global_step"], b["global_step"]])
+    return check_passes(ok, summary, different=different, steps=same["steps"])
+
+
+def same_training_state(uninterrupted: Path, resumed: Path) -> dict:
+    """Two run folders' last checkpoints compared bit for bit: `different` (the weight and velocity tensors that
+    differ), `compared` (how many there are), `steps` (each one's global step), and `resumed` (the second run's
+    train.log says it resumed)."""
+    a = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    tensors = [(f"model.{k}", v, b["model"][k]) for k, v in a["model"].items()]
+    tensors += [(f"velocity.{i}", s["velocity"], b["optimizer"]["state"][i]["velocity"])
+                for i, s in a["optimizer"]["state"].items()]
+    return {"different": [name for name, x, y in tensors if not torch.equal(x, y)], "compared": len(tensors),
+            "steps": [a["global_step"], b["global_step"]], "resumed": "resuming" in (resumed / "train.log").read_text()}
 
 
 # -- speed ----------------------------------------------------------------------------------------------------------

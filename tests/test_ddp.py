@@ -263,3 +263,14 @@ def test_every_command_that_uses_cuda_makes_its_first_device_current(four_fake_g
         with pytest.raises(DeviceSet):
             run()
         assert four_fake_gpus == [("set_device", "cuda:3")], name
+
+
+def test_a_failure_to_join_names_the_network_interface(monkeypatch):
+    # Two boxes: gloo listens on the address the host's name resolves to (127.0.1.1 in Ubuntu's /etc/hosts)
+    def refused(backend, **kwargs):
+        raise RuntimeError("[enforce fail at gloo/transport/tcp/pair.cc] connectFullMesh failed")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", refused)
+    with pytest.raises(RunError, match="connectFullMesh failed.*GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME"):
+        World(rank=2, size=4, local_rank=0, local_size=2, launched=True).start(None, ["cpu", "cpu"])

@@ -301,8 +301,8 @@ def render_per_flop(c: dict) -> str:
     repeats = c.get("per_flop_vs_torchvision_repeats")
     if not repeats:  # a record from before the ratios per repeat
         return (f"**Per FLOP, the two-tower network (default options) runs at {c['per_flop_vs_torchvision']:.2f}x "
-                f"torchvision's speed** (grouped: {c['grouped_per_flop_vs_torchvision']:.2f}x; the ratio of the "
-                "median rates, one run).")
+                f"torchvision's speed** (grouped: {c['grouped_per_flop_vs_torchvision']:.2f}x): the ratio of the "
+                "median rates of a run from before the bench timed ratios per repeat, so without their spread.")
     grouped = c["grouped_per_flop_vs_torchvision_repeats"]
     loads = c["load_average_per_repeat"]
     return (f"**Per FLOP and per device, the two-tower network (default options) runs at "
@@ -314,16 +314,17 @@ def render_per_flop(c: dict) -> str:
 
 def render_compute(c: dict) -> list[str]:
     g = 1e9
-    loads = c.get("load_average_per_repeat") or c["load_average_before_after"]
+    loads = c.get("load_average_per_repeat")  # absent in a record from before the ratios per repeat
+    during = f", {min(loads):.1f}-{max(loads):.1f} during it" if loads else ""
+    order = " (every other repeat in the opposite order)" if loads else ""
     lines = ["## Training and evaluation compute (`make bench`)", "",
              f"Measured on {c['machine']} with `{c['command']}` ({c['date']}, torch {c['torch']}); load average "
              f"{c['load_average_before_after'][0]:.1f} before and {c['load_average_before_after'][1]:.1f} after the "
-             f"run, {min(loads):.1f}-{max(loads):.1f} during it (above the core count means other work shared the "
-             f"cores). Batch {c['batch']}, random images and labels, forward + mean cross-entropy + backward + "
-             f"PaperSGD; medians of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps (every "
-             "other repeat in the opposite order). float32 is IEEE float32, as training sets it (TF32 exists on GPUs "
-             f"only): convolutions {c['precision']['float32_convolutions']}, matrix products "
-             f"{c['precision']['float32_matmuls']}.", "",
+             f"run{during} (above the core count means other work shared the cores). Batch {c['batch']}, random "
+             "images and labels, forward + mean cross-entropy + backward + PaperSGD; medians of "
+             f"{c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps{order}. float32 is IEEE float32, "
+             "as training sets it (TF32 exists on GPUs only): convolutions "
+             f"{c['precision']['float32_convolutions']}, matrix products {c['precision']['float32_matmuls']}.", "",
              f"Matrix-multiply peak (n={c['matmul_n']}, measured on {c.get('matmul_device', 'cpu')}): fp32 "
              f"{c['matmul_peak_flops']['fp32'] / g:.0f} GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} "
              "GFLOP/s.", "",
@@ -383,7 +384,8 @@ def render_compute(c: dict) -> list[str]:
               "| host-to-device copy on the critical path | `speed.prefetch` (pinned memory, side stream) |",
               "| input rate (decode) | the prepared uint8 store + augmentation on the GPU (data section above) |",
               "| one GPU running both towers | `speed.grouped` (fewer, larger kernels; no exchange copies) |",
-              "| cross-device copies | P2P/NVLink; the towers already overlap (no host sync inside a step) |", ""]
+              "| cross-device copies | P2P/NVLink; each exchange's copies are queued together, so the towers compute "
+              "at once between exchanges (docs/speed.md#on-two-gpus) |", ""]
     return lines
 
 
