@@ -85,10 +85,10 @@ class World:
         return [f"cuda:{2 * self.local_rank}", f"cuda:{2 * self.local_rank + 1}"]
 
     def start(self, backend: str | None, requested_devices=None, require_two_gpus: bool = False) -> None:
-        """Join the process group, this process's first GPU (`devices`) made the current device first: with a NCCL
-        backend alone (`dist_backend=nccl`) the object collectives run on the current device, and every process of a
-        box would otherwise use GPU 0, which NCCL refuses. `backend` null: gloo for CPU tensors and NCCL for CUDA
-        ones (PyTorch sends each collective to the backend of its tensors' device)."""
+        """Join the process group, after making this process's first GPU (of `devices(requested_devices, ...)`) the
+        current device: with a NCCL backend alone (`dist_backend=nccl`) the object collectives run on the current
+        device, GPU 0 for every process of a box otherwise, which NCCL refuses. `backend` null: gloo for CPU tensors
+        and NCCL for CUDA ones (PyTorch sends each collective to the backend of its tensors' device)."""
         if not self.launched or dist.is_initialized():
             return
         use_devices(self.devices(requested_devices, require_two_gpus))
@@ -97,11 +97,10 @@ class World:
             dist.init_process_group(backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as error:
             raise RunError(f"could not join the other processes with backend {backend!r} ({error}); check "
-                           "dist_backend and torchrun's --rdzv-endpoint, and on several boxes the network interface "
-                           "each one talks on: gloo listens on the address this host's name resolves to (127.0.1.1 in "
-                           "Ubuntu's default /etc/hosts, which no other box reaches), so set GLOO_SOCKET_IFNAME and "
-                           "NCCL_SOCKET_IFNAME to that interface (e.g. eth0) on every box (docs/many-boxes.md; "
-                           "repro-preflight checks=[network] under torchrun checks it)") from None
+                           "dist_backend and torchrun's --rdzv-endpoint, and across boxes the interface they talk on: "
+                           "gloo listens on the address this host's name resolves to (127.0.1.1 in Ubuntu's default "
+                           "/etc/hosts reaches no other box), so set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the "
+                           "boxes' shared interface (e.g. eth0) on every box (docs/many-boxes.md)") from None
 
     def stop(self) -> None:
         if self.launched and dist.is_initialized():
