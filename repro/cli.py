@@ -37,7 +37,7 @@ from repro.reports.ablation import summarise
 from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
 from repro.reports.figures import make_figures
 from repro.reports.paper import write_report
-from repro.runtime import resolve_devices
+from repro.runtime import resolve_devices, use_devices
 from repro.train import train
 
 
@@ -231,7 +231,7 @@ def figures_main(argv: list[str]) -> int:
 @entry_point("repro-figure1")
 def figure1_main(argv: list[str]) -> int:
     cfg = settings("repro-figure1", "figure1", argv)
-    resolve_devices([cfg.device, cfg.device], require_two_gpus=False)  # a device that exists here
+    use_devices(resolve_devices([cfg.device, cfg.device], require_two_gpus=False))  # a device that exists here
     results = figure1(Path(cfg.data), Path(cfg.out), list(dict.fromkeys(cfg.activations)),
                       list(dict.fromkeys(cfg.lrs)), cfg.epochs, cfg.extra_epochs, cfg.init, cfg.seed, cfg.limit,
                       cfg.batch_size, cfg.device, cfg.download)

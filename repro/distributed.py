@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from repro.errors import RunError
-from repro.runtime import resolve_devices
+from repro.runtime import resolve_devices, use_devices
 
 # A rank waits this long for the others (rank 0 alone writing a 455 MB checkpoint, a slow evaluation shard).
 TIMEOUT = timedelta(minutes=30)
@@ -84,17 +84,23 @@ class World:
                            f"(one per tower), {2 * self.local_size} in all, but {gpus} are visible; {fix}")
         return [f"cuda:{2 * self.local_rank}", f"cuda:{2 * self.local_rank + 1}"]
 
-    def start(self, backend: str | None) -> None:
-        """Join the process group. `backend` null: gloo for CPU tensors and NCCL for CUDA ones (PyTorch sends each
-        collective to the backend of its tensors' device)."""
+    def start(self, backend: str | None, requested_devices=None, require_two_gpus: bool = False) -> None:
+        """Join the process group, after making this process's first GPU (of `devices(requested_devices, ...)`) the
+        current device: with a NCCL backend alone (`dist_backend=nccl`) the object collectives run on the current
+        device, GPU 0 for every process of a box otherwise, which NCCL refuses. `backend` null: gloo for CPU tensors
+        and NCCL for CUDA ones (PyTorch sends each collective to the backend of its tensors' device)."""
         if not self.launched or dist.is_initialized():
             return
+        use_devices(self.devices(requested_devices, require_two_gpus))
         backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         try:
             dist.init_process_group(backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as error:
             raise RunError(f"could not join the other processes with backend {backend!r} ({error}); check "
-                           "dist_backend and torchrun's --rdzv-endpoint") from None
+                           "dist_backend and torchrun's --rdzv-endpoint, and across boxes the interface they talk on: "
+                           "gloo listens on the address this host's name resolves to (127.0.1.1 in Ubuntu's default "
+                           "/etc/hosts reaches no other box), so set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the "
+                           "boxes' shared interface (e.g. eth0) on every box (docs/many-boxes.md)") from None
 
     def stop(self) -> None:
         if self.launched and dist.is_initialized():

@@ -16,7 +16,7 @@ from repro.errors import RunError
 from repro.io import write_json
 from repro.model import AlexNet
 from repro.progress import progress
-from repro.runtime import resolve_devices
+from repro.runtime import resolve_devices, use_devices
 from repro.store import PreparedStore, Split
 
 # The four numbers every run reports (§6: top-1 and top-5 error, the centre patch and the 10 patches), and labels.
@@ -68,12 +68,13 @@ def load_trained(checkpoint_path, store=None, devices=None,
     """A checkpoint, its network on `devices` (default: what exists) with the speed options (default: the
     defaults), the store it was trained on (or `store`), and the test-time input pipeline with the run's own
     mean-image settings."""
+    devices = resolve_devices(devices, require_two_gpus=False)
+    use_devices(devices)  # before anything touches a GPU
     checkpoint = load_checkpoint(Path(checkpoint_path))
     trained = checkpoint["config"]
     store = PreparedStore(store or trained["data"]["store"])
     check_classes(checkpoint, checkpoint_path, store.classes, store.root)
     stats = store.stats()
-    devices = resolve_devices(devices, require_two_gpus=False)
     speed_options = speed_options or SpeedConfig()
     speed.set_precision(speed_options.tf32)
     model = build_model(trained["model"], devices)

@@ -61,25 +61,42 @@ class FlatLossWatch:
 
 
 class Window:
-    """The steps since the last log line: their loss and errors summed on the device, read once at the end."""
+    """The steps since the last log line: their loss and errors summed on the device, read once at the end.
 
-    def __init__(self, device: str):
+    The first window of an epoch (`warm_up`) leaves its first step out of its rate, data wait and time left: that
+    step waits for the loader's workers to start and, in a run's first, for cuDNN's autotuning, which no later step
+    does. A window of that one step alone is timed whole, and says so."""
+
+    def __init__(self, device: str, warm_up: bool = False):
         self.loss, self.wrong = torch.zeros((), device=device), torch.zeros((), device=device)
         self.steps, self.images, self.data_wait, self.start = 0, 0, 0.0, time.perf_counter()
+        self.warm_up = warm_up
+        self.first = None  # the warm-up step's (images, data wait, the time the window opened)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, images: int) -> None:
         self.loss += loss.detach()
         self.wrong += (logits.detach().argmax(dim=1) != labels).sum()
         self.steps, self.images = self.steps + 1, self.images + images
+        if self.warm_up and self.steps == 1:  # the clock starts again after the first step
+            self.first = (images, self.data_wait, self.start)
+            self.start, self.data_wait = time.perf_counter(), 0.0
 
     def close(self, world) -> dict:
-        """The window's global mean loss, error, rate and data wait (the same on every rank)."""
+        """The window's global mean loss and error, and the rate, data wait and number of its timed steps (the same
+        on every rank); `warm_up` says whether the epoch's first step was "left out" or, alone, "included"."""
         world.sum(self.loss)
         world.sum(self.wrong)
-        seconds = time.perf_counter() - self.start
+        steps, images, start, data_wait, warm_up = self.steps, self.images, self.start, self.data_wait, None
+        if self.first is not None:
+            first_images, first_wait, opened = self.first
+            if self.steps > 1:
+                steps, images, warm_up = steps - 1, images - first_images, "left out"
+            else:
+                start, data_wait, warm_up = opened, first_wait, "included"
+        seconds = time.perf_counter() - start
         return {"loss": self.loss.item() / self.steps / world.size, "top1_err": 100.0 * self.wrong.item() / self.images,
-                "steps": self.steps, "images": self.images, "seconds": seconds,
-                "images_per_s": self.images / seconds, "data_wait": self.data_wait / seconds}
+                "steps": self.steps, "timed_steps": steps, "timed_images": images, "seconds": seconds,
+                "images_per_s": images / seconds, "data_wait": data_wait / seconds, "warm_up": warm_up}
 
 
 class Stopped(BaseException):
@@ -181,7 +198,7 @@ class Loop:
         loader = batches(run.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=run.epoch, start_step=run.step,
                          workers=cfg.data.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
         loader = speed.prefetch(loader, run.model.devices) if cfg.speed.prefetch else loader
-        window = Window(run.devices[0])
+        window = Window(run.devices[0], warm_up=True)
         with Progress(f"epoch {run.epoch}", run.steps_per_epoch, "step", initial=run.step, every=math.inf,
                       show=run.world.main) as bar:  # the window's lines say where the epoch is
             waited = time.perf_counter()
@@ -222,7 +239,7 @@ class Loop:
                          "and start again")
             raise RunError(f"the loss became {stats['loss']} between steps {run.global_step - stats['steps']} and "
                            f"{run.global_step} (epoch {run.epoch}); training stopped: {last_good}")
-        self.images, self.seconds = self.images + stats["images"], self.seconds + stats["seconds"]
+        self.images, self.seconds = self.images + stats["timed_images"], self.seconds + stats["seconds"]
         warning = self.flat_loss.update(stats["loss"], stats["steps"])
         if warning:
             log.warning(warning)
@@ -233,11 +250,13 @@ class Loop:
             self.writer.add_scalar(tag, value, run.global_step)
         bar.bar.set_postfix(loss=f"{stats['loss']:.4f}", **{k: f"{v:.0e}" for k, v in rates.items()},
                             img_s=f"{stats['images_per_s']:.1f}", wait=f"{100 * stats['data_wait']:.0f}%")
-        left = (run.steps_per_epoch - run.step) * stats["seconds"] / stats["steps"]
+        left = (run.steps_per_epoch - run.step) * stats["seconds"] / stats["timed_steps"]
+        warm_up = {"left out": " (the epoch's first step, the loader's start-up, left out of the rate)",
+                   "included": " (this one step includes the loader's start-up)", None: ""}[stats["warm_up"]]
         log.info(f"epoch {run.epoch} step {run.step}/{run.steps_per_epoch} loss {stats['loss']:.4f} train_err "
                  f"{stats['top1_err']:.1f}% {' '.join(f'{k} {v:.0e}' for k, v in rates.items())} "
                  f"{stats['images_per_s']:.1f} img/s data wait {100 * stats['data_wait']:.0f}% epoch "
-                 f"{duration(left)} left", extra=PROGRESS)
+                 f"{duration(left)} left{warm_up}", extra=PROGRESS)
 
     def end_epoch(self) -> None:
         run, cfg = self.run, self.run.cfg

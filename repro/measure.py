@@ -139,14 +139,19 @@ def training_flops_per_image(options: SpeedConfig | None, lrn: bool = False) -> 
 EXCHANGED = {"pool2": (128, 13, 13), "pool5": (4608,), "fc6": (2048,), "fc7": (2048,)}
 
 
-def exchange_copies(batch: int, devices: Sequence) -> list[tuple[str, str, tuple]]:
+def exchange_rounds(batch: int, devices: Sequence) -> list[list[tuple[str, str, tuple]]]:
     """The cross-device copies (source, destination, shape) of one forward pass of the paper's two-tower network on
-    two devices, each tower's input already on its device: pool2, pool5 and fc6 both ways, and tower 1's fc7 to fc8
-    on the first device. The backward pass sends each one's gradient back (`mirrored`)."""
+    two devices, each tower's input already on its device, exchange by exchange: pool2, pool5 and fc6 both ways, and
+    tower 1's fc7 to fc8 on the first device. The backward pass sends each one's gradient back (`mirrored`)."""
     first, second = (str(torch.device(d)) for d in devices)
-    both_ways = [(src, dst, (batch, *EXCHANGED[name])) for name in ("pool2", "pool5", "fc6")
-                 for src, dst in ((second, first), (first, second))]
-    return both_ways + [(second, first, (batch, *EXCHANGED["fc7"]))]
+    both_ways = [[(src, dst, (batch, *EXCHANGED[name])) for src, dst in ((second, first), (first, second))]
+                 for name in ("pool2", "pool5", "fc6")]
+    return both_ways + [[(second, first, (batch, *EXCHANGED["fc7"]))]]
+
+
+def exchange_copies(batch: int, devices: Sequence) -> list[tuple[str, str, tuple]]:
+    """Every copy of `exchange_rounds`, in one list."""
+    return [copy for exchange in exchange_rounds(batch, devices) for copy in exchange]
 
 
 def mirrored(copies: list[tuple[str, str, tuple]]) -> list[tuple[str, str, tuple]]:
@@ -184,11 +189,16 @@ def tower_alone(tower: Tower, x: torch.Tensor) -> Callable[[], None]:
 
 
 class CrossDeviceCopies(TorchDispatchMode):
-    """Records (source device, destination device, shape) for every copy that changes device."""
+    """Records (source device, destination device, shape) for every copy that changes device, in `copies`, and in
+    `rounds` the same copies grouped as they were dispatched: a round is copies one after another, any other op
+    between two copies starts a new round. On GPUs that order matters: a copy between two GPUs waits for all the
+    work queued before it on both (`repro.model.exchange`), so an op between two copies of one exchange holds the
+    second copy back until it is done."""
 
     def __init__(self):
         super().__init__()
-        self.copies = []
+        self.copies, self.rounds = [], []
+        self.copying = False  # the last op dispatched was a copy between devices
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -197,9 +207,16 @@ class CrossDeviceCopies(TorchDispatchMode):
         elif func is torch.ops.aten.copy_.default:
             src, dst = args[1], args[0]
         else:
+            src = dst = None
+        if src is None or src.device == dst.device:
+            self.copying = self.copying and func.namespace == "prim"  # prim.device and the like: metadata, no work
             return out
-        if src.device != dst.device:
-            self.copies.append((str(src.device), str(dst.device), tuple(src.shape)))
+        copy = (str(src.device), str(dst.device), tuple(src.shape))
+        if not self.copying:
+            self.rounds.append([])
+        self.rounds[-1].append(copy)
+        self.copies.append(copy)
+        self.copying = True
         return out
 
 

@@ -265,10 +265,16 @@ class Dropout(nn.Module):
         return f"p={DROPOUT_P}, style={self.style}"
 
 
-def exchange(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Gather every tower's activations on `device`, tower 0's channels first: one of the four places (conv3,
-    fc6, fc7, fc8) where the towers talk (§3.2)."""
-    return torch.cat([p.to(device) for p in parts], dim=1)
+def exchange(parts: Sequence[torch.Tensor], devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """Every tower's activations gathered on each of `devices`, tower 0's channels first: one of the four places
+    (conv3, fc6, fc7, fc8) where the towers talk (§3.2).
+
+    Every copy is queued before anything else. A copy between two GPUs runs on the source GPU's current stream and
+    waits for all the work queued on both GPUs' current streams before it (ATen's `copy_device_to_device`, "a
+    two-way barrier"): queued after one tower's next layers (or even after a concatenation), it would hold the
+    other tower back until they were done, and the towers would take turns."""
+    gathered = [[part.to(device) for part in parts] for device in devices]
+    return [torch.cat(group, dim=1) for group in gathered]
 
 
 class Tower(nn.Module):
@@ -397,12 +403,13 @@ class AlexNet(nn.Module):
         if self.grouped:
             return self.forward_grouped(inputs[0])
         images = [image.to(device) for image, device in zip(inputs, self.devices)]
-        # Each stage tower by tower; on GPUs the launches are asynchronous, so the towers run at once.
+        # Each stage tower by tower, each exchange's copies all queued before the next stage (`exchange`): on two
+        # GPUs the launches are asynchronous, so the towers compute at once and meet at each exchange.
         pool2 = [tower.stem(x) for tower, x in zip(self.towers, self.conv1_inputs(images))]
-        pool5 = [tower.trunk(exchange(pool2, device)) for tower, device in zip(self.towers, self.devices)]
-        fc6 = [tower.head6(exchange(pool5, device)) for tower, device in zip(self.towers, self.devices)]
-        fc7 = [tower.head7(exchange(fc6, device)) for tower, device in zip(self.towers, self.devices)]
-        return self.fc8(exchange(fc7, self.devices[0]))
+        pool5 = [tower.trunk(x) for tower, x in zip(self.towers, exchange(pool2, self.devices))]
+        fc6 = [tower.head6(x) for tower, x in zip(self.towers, exchange(pool5, self.devices))]
+        fc7 = [tower.head7(x) for tower, x in zip(self.towers, exchange(fc6, self.devices))]
+        return self.fc8(exchange(fc7, self.devices[:1])[0])
 
     def conv1_inputs(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each tower's conv1 input (`Tower.conv1_input`) from its images, made once per input tensor: towers on one

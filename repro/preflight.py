@@ -4,15 +4,19 @@ It checks, on the devices the paper's run will use, what could silently spoil th
 check (`PASS|FAIL|SKIP name: numbers`), then writes everything to preflight.json and exits non-zero naming the
 first failure:
 
-- inventory: torch, CUDA, cuDNN and NCCL versions, each GPU's name, memory and compute capability, peer access
-  between the pair, the float32 precision in force; fails below the torch floor.
-- numerics: the two-tower network on the two GPUs against the same weights (drawn from the same seed) and input on
-  the CPU in IEEE float32 (logits, loss, every parameter's gradient); `speed.grouped` on one GPU the same way;
-  bf16 and fp16 autocast against float32, as the cosine similarity of each layer's gradient.
+- inventory: torch, CUDA, cuDNN and NCCL versions, each GPU's name, memory, compute capability and native bf16,
+  peer access between the pair, the float32 precision in force; fails below the torch floor, or when the torch
+  build has no kernels for a GPU.
+- network: the address gloo listens on (this host's name's), which must not be a loopback address across boxes.
+- numerics: the two-tower network's tower path on the GPUs (two, or both towers on one) against the same weights
+  (drawn from the same seed) and input on the CPU in IEEE float32 (logits, loss, every parameter's gradient);
+  `speed.grouped` on one GPU the same way; bf16 and fp16 autocast against float32, as the cosine similarity of
+  each layer's gradient.
 - placement: each tower's input built on its own device through the real prefetch and augmentation; the exact
-  cross-device copies of one forward and backward pass.
+  cross-device copies of one forward and backward pass, each exchange's copies queued together.
 - randomness: the towers' dropout masks differ and repeat for the same step seed; k deterministic steps, a
-  checkpoint, a resume and m more steps equal k+m uninterrupted steps bit for bit (the real training code).
+  checkpoint, a resume in a new process and m more steps equal k+m uninterrupted steps bit for bit (the real
+  training code).
 - speed: a training step (float32, then each speed option), host syncs in a step, how much the towers overlap, the
   exchange copies' time, peak memory per GPU, a prepared store's read rate, and the projected epoch and 90 epochs.
 
@@ -25,12 +29,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import ipaddress
 import json
 import logging
 import os
 import platform
+import re
 import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -50,16 +59,17 @@ from repro.checkpoint import load_checkpoint
 from repro.config import SpeedConfig, composed
 from repro.data import Augment, batches, step_rng
 from repro.demo_data import make_demo_data
+from repro.distributed import TIMEOUT, World
 from repro.errors import RunError
 from repro.loop import seed_dropout
 from repro.measure import (EPOCHS, IMAGENET_TRAIN, CrossDeviceCopies, HostSyncs, TrainingStep, build, copy_work,
-                           distinct, exchange_copies, forward_backward, gpu_peak_memory, median_ms, mirrored,
-                           per_tower, tower_alone, training_flops_per_image)
+                           distinct, exchange_copies, exchange_rounds, forward_backward, gpu_peak_memory, median_ms,
+                           mirrored, per_tower, tower_alone, training_flops_per_image)
 from repro.model import AlexNet
 from repro.prepare import prepare
 from repro.progress import ConsoleFilter, duration, number
 from repro.run import Run
-from repro.runtime import resolve_devices
+from repro.runtime import resolve_devices, use_devices
 from repro.store import PreparedStore
 from repro.train import train
 
@@ -84,6 +94,12 @@ MAX_MASK_AGREEMENT = 0.75
 # steps; stopped right after the checkpoint at step 2 (mid-epoch), resumed for the last 2.
 RESUME_IMAGES, RESUME_BATCH, RESUME_EPOCHS, RESUME_EVERY, RESUME_STOP = 8, 2, 1, 2, 2
 READ_SECONDS, READ_BATCHES = 10.0, 50  # the store's read rate: whichever ends first, after the first batch
+# The towers overlap when forward + backward of both takes at most this times the slower tower alone plus the
+# exchange's copies alone (each copy between the GPUs is a barrier for both: ATen's copy_device_to_device).
+OVERLAP_TARGET = 1.1
+# A training run in a process of its own (the resume of randomness-resume): the overrides are its arguments.
+TRAIN_IN_A_NEW_PROCESS = ("import sys; from repro.config import composed; from repro.train import train; "
+                          "train(composed('train', sys.argv[1:]))")
 
 
 @dataclass
@@ -196,10 +212,12 @@ def check_inventory(box: Box) -> Result:
             "nccl": nccl_version(), "gpus_visible": torch.cuda.device_count(), "devices": list(map(str, box.devices)),
             "precision": speed.precision(), "cpu_float32_matmul": torch.get_float32_matmul_precision()}
     gpus = []
+    info["arch_list"] = torch.cuda.get_arch_list() if box.gpus else []
     for device in box.gpus:
         props = torch.cuda.get_device_properties(device)
         gpus.append({"device": str(device), "name": props.name, "memory_bytes": props.total_memory,
-                     "compute_capability": f"{props.major}.{props.minor}"})
+                     "compute_capability": f"{props.major}.{props.minor}", "bf16": bf16_native([device]),
+                     "kernels": has_kernels((props.major, props.minor), info["arch_list"])})
     info["gpus"] = gpus
     if box.two_gpus:
         a, b = (d.index for d in box.gpus)
@@ -208,8 +226,8 @@ def check_inventory(box: Box) -> Result:
     parts = [f"torch {info['torch']}", f"CUDA {info['cuda'] or 'none'}", f"cuDNN {info['cudnn'] or 'none'}",
              f"NCCL {info['nccl'] or 'none'}"]
     if gpus:
-        parts += [f"{g['device']} {g['name']} ({g['memory_bytes'] / 2**30:.1f} GiB, sm {g['compute_capability']})"
-                  for g in gpus]
+        parts += [f"{g['device']} {g['name']} ({g['memory_bytes'] / 2**30:.1f} GiB, sm {g['compute_capability']}, "
+                  f"bf16 {'native' if g['bf16'] else 'NOT native'})" for g in gpus]
     else:
         parts.append(f"{info['gpus_visible']} GPU(s) visible, devices {', '.join(info['devices'])}")
     if "peer_access" in info:
@@ -220,7 +238,39 @@ def check_inventory(box: Box) -> Result:
     ok = TorchVersion(torch.__version__) >= TORCH_FLOOR
     if not ok:
         parts.insert(0, f"torch {torch.__version__} is older than {TORCH_FLOOR} (setup.cfg's floor): upgrade it")
+    for g in gpus:
+        if g["kernels"] is False:
+            ok = False
+            parts.insert(0, f"{g['device']} {g['name']} (sm {g['compute_capability']}) has no kernels in this torch "
+                            f"build (built for {' '.join(info['arch_list'])}): install a torch wheel built for it")
     return check_passes(ok, "; ".join(parts), **info)
+
+
+def has_kernels(capability: tuple[int, int], arch_list: list[str]) -> bool | None:
+    """Whether a torch build compiled for `arch_list` (`torch.cuda.get_arch_list()`: sm_XY machine code, compute_XY
+    PTX) runs on a GPU of compute `capability`: machine code of the same major version and a minor version not above
+    the GPU's (an `a` variant such as sm_90a: that GPU exactly), or PTX of a version not above it, which the driver
+    compiles. None when the build lists no architectures (nothing to compare)."""
+    if not arch_list:
+        return None
+    for arch in arch_list:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+        if not match:
+            continue
+        kind, major, minor, variant = match[1], int(match[2]), int(match[3]), match[4]
+        if kind == "compute" and (major, minor) <= capability:
+            return True
+        if kind == "sm" and major == capability[0] and (minor == capability[1] if variant == "a" else
+                                                        minor <= capability[1]):
+            return True
+    return False
+
+
+def bf16_native(gpus) -> bool:
+    """Whether every GPU of `gpus` computes in bf16 itself: compute capability 8.0 and newer (what
+    `torch.cuda.is_bf16_supported(including_emulation=False)` checks, for the current GPU only; by default it also
+    counts emulation, which is slow and lacks cuDNN's bf16 convolutions), or any ROCm GPU."""
+    return all(torch.version.hip or torch.cuda.get_device_properties(gpu).major >= 8 for gpu in gpus)
 
 
 def nccl_version() -> str | None:
@@ -231,11 +281,44 @@ def nccl_version() -> str | None:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
+def check_network(box: Box) -> Result:
+    """The address gloo (the default backend's CPU collectives: the run folder's name, the checkpoint step, the stop
+    signal) listens on: GLOO_SOCKET_IFNAME's interface, else the first address this host's name resolves to that it
+    can bind (ProcessGroupGloo's createDefaultDevice). Across boxes that must not be a loopback address."""
+    world = World.from_env()
+    several = world.launched and world.size > world.local_size
+    where = (f"torchrun, {world.size} processes on several boxes" if several else
+             "torchrun, one box" if world.launched else "one process")
+    interface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if interface:
+        return passed(f"{where}: GLOO_SOCKET_IFNAME={interface}, gloo talks on that interface (NCCL: "
+                      f"NCCL_SOCKET_IFNAME={os.environ.get('NCCL_SOCKET_IFNAME', 'unset, its own choice')})",
+                      interface=interface, several_boxes=several)
+    hostname = socket.gethostname()
+    try:
+        address = socket.getaddrinfo(hostname, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError) as error:
+        address, reason = None, f"{hostname} does not resolve ({error})"
+    else:
+        reason = f"{hostname} resolves to {address}"
+    unusable = address is None or ipaddress.ip_address(address.split("%")[0]).is_loopback
+    fix = ("set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the interface the boxes share (e.g. eth0; `ip -brief "
+           "address` lists them) on every box, or map the host's name to that interface's address in /etc/hosts")
+    wait = f"{TIMEOUT.total_seconds() / 60:.0f} minutes"
+    if several and unusable:
+        return failed(f"{where}: {reason}, which no other box reaches: gloo would listen there ('connectFullMesh "
+                      f"failed', or a wait of {wait}); {fix}", hostname=hostname, address=address)
+    note = f" (no other box reaches it: before training on several boxes, {fix})" if unusable else ""
+    return passed(f"{where}: {reason}{note}" + ("" if several else "; on one box any local address works"),
+                  hostname=hostname, address=address, several_boxes=several)
+
+
 # -- numerics -------------------------------------------------------------------------------------------------------
 
 def check_numerics_towers(box: Box) -> Result:
-    if not box.two_gpus:
-        return box.no_gpus("needs two GPUs, each tower on its own, to compare with the CPU")
+    """The tower path (what training runs unless speed.grouped) on the box's GPUs: two, or both towers on one."""
+    if not box.gpus:
+        return box.no_gpus("needs a GPU: on the CPU the tower path is the reference itself")
     ref = reference(box)
     speed.set_cudnn_benchmark(None, deterministic=False)  # as training: cuDNN picks its algorithms
     torch.manual_seed(SEED)
@@ -246,7 +329,8 @@ def check_numerics_towers(box: Box) -> Result:
     ok, text, errors = against_reference(gradients(model, images, labels), ref)
     weights = (f"weights from seed {SEED} bit-equal to the CPU's ({len(state)} tensors)" if not different else
                f"{len(different)} weight tensors differ from the CPU's for the same seed ({different[0]}, ...)")
-    return check_passes(ok and not different, f"{weights}; {text}", weights_differ=different, errors=errors,
+    where = f"the tower path on {', '.join(map(str, box.devices))}"
+    return check_passes(ok and not different, f"{where}: {weights}; {text}", weights_differ=different, errors=errors,
                         batch=box.numerics_batch, devices=list(map(str, box.devices)))
 
 
@@ -286,8 +370,8 @@ def check_numerics_autocast(box: Box) -> Result:
     images, labels = numerics_batch(box.numerics_batch)
     cosines, notes, ok = {}, [], True
     for name, floor in COSINE_FLOORS.items():
-        if name == "bf16" and box.gpus and not torch.cuda.is_bf16_supported():
-            notes.append("bf16 not supported by these GPUs")
+        if name == "bf16" and box.gpus and not bf16_native(box.gpus):
+            notes.append("bf16 not native on these GPUs")
             continue
         options = SpeedConfig(autocast=name)
         model = speed.apply(copy.deepcopy(base["model"]), options)
@@ -344,7 +428,8 @@ def check_placement_input(box: Box) -> Result:
 
 def exchange_placement(model: AlexNet, inputs, labels: torch.Tensor) -> Result:
     """The cross-device copies of one forward and backward pass of `model` against the paper's exchange: pool2,
-    pool5 and fc6 both ways and tower 1's fc7 to fc8 forward, and their gradients back; nothing else."""
+    pool5 and fc6 both ways and tower 1's fc7 to fc8 forward, and their gradients back; nothing else. Forward, each
+    exchange's copies must be dispatched together, before anything of the next stage (`repro.model.exchange`)."""
     with CrossDeviceCopies() as forward:
         loss = F.cross_entropy(model(inputs), labels)
     with CrossDeviceCopies() as backward:
@@ -358,8 +443,15 @@ def exchange_placement(model: AlexNet, inputs, labels: torch.Tensor) -> Result:
             problems.append(f"{part}: unexpected {sorted(extra.elements())}")
         if missing:
             problems.append(f"{part}: missing {sorted(missing.elements())}")
-    summary = (f"{len(forward.copies)} copies forward (pool2, pool5, fc6 both ways, fc7 to fc8) and "
-               f"{len(backward.copies)} back, exactly the exchange")
+    rounds = exchange_rounds(len(labels), model.devices)
+    details["forward_rounds"] = forward.rounds
+    if not problems and [sorted(r) for r in forward.rounds] != [sorted(r) for r in rounds]:
+        problems.append(f"forward: the copies were dispatched in {len(forward.rounds)} rounds "
+                        f"({[len(r) for r in forward.rounds]} copies), not one round per exchange "
+                        f"({[len(r) for r in rounds]}): work queued between the copies of an exchange makes the "
+                        "towers take turns (each copy waits for everything queued on both GPUs)")
+    summary = (f"{len(forward.copies)} copies forward (pool2, pool5, fc6 both ways, fc7 to fc8) in "
+               f"{len(forward.rounds)} rounds, one per exchange, and {len(backward.copies)} back, exactly the exchange")
     return check_passes(not problems, "; ".join(problems) or summary, **details)
 
 
@@ -439,18 +531,28 @@ def synthetic_store(box: Box) -> Path:
     return box.cached("synthetic_store", make)
 
 
-def resume_config(store: Path, run_dir: Path, devices):
-    overrides = ["experiment=tiny", f"data.store={store}", f"run_dir={run_dir}", "deterministic=true",
-                 f"devices=[{','.join(map(str, devices))}]", f"data.limit_train={RESUME_IMAGES}",
-                 f"data.batch_size={RESUME_BATCH}", "data.limit_val=1", f"schedule.max_epochs={RESUME_EPOCHS}",
-                 f"checkpoint_every={RESUME_EVERY}", f"log_every={RESUME_EVERY}"]
-    return composed("train", overrides)
+def resume_overrides(store: Path, run_dir: Path, devices) -> list[str]:
+    return ["experiment=tiny", f"data.store={store}", f"run_dir={run_dir}", "deterministic=true",
+            f"devices=[{','.join(map(str, devices))}]", f"data.limit_train={RESUME_IMAGES}",
+            f"data.batch_size={RESUME_BATCH}", "data.limit_val=1", f"schedule.max_epochs={RESUME_EPOCHS}",
+            f"checkpoint_every={RESUME_EVERY}", f"log_every={RESUME_EVERY}"]
+
+
+def train_in_a_new_process(overrides: list[str]) -> None:
+    """`repro.train.train` of the run `overrides` describes, in a process of its own, as after a real restart (a
+    new process may choose other cuDNN and cuBLAS kernels); RunError with the end of its output if it fails."""
+    done = subprocess.run([sys.executable, "-c", TRAIN_IN_A_NEW_PROCESS, *overrides], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RunError(f"the resumed run's process ended with status {done.returncode}: "
+                       + (done.stderr.strip().splitlines() or ["no output"])[-1] + "\n" + done.stderr[-4000:])
 
 
 def check_randomness_resume(box: Box) -> Result:
     """The real training code, deterministic: a run of k+m steps, and a copy of its folder taken right after its
-    checkpoint at step k (what a kill at that moment leaves) resumed for the last m steps; the two must end with
-    the same weights and velocities, bit for bit. On two GPUs the copy is also resumed on the first GPU alone."""
+    checkpoint at step k (what a kill at that moment leaves) resumed in a new process for the last m steps; the two
+    must end with the same weights and velocities, bit for bit. On two GPUs the copy is also resumed on the first
+    GPU alone."""
     store = synthetic_store(box)
     folder = box.workdir / "resume"
     one_gpu = [box.devices[0]] * 2
@@ -467,36 +569,44 @@ def check_randomness_resume(box: Box) -> Result:
     try:
         with quiet_training(buffer):
             with mock.patch.object(Run, "save", save_then_copy):
-                train(resume_config(store, folder / "uninterrupted", box.devices))
-            if not (folder / "resumed").is_dir():
-                return failed(f"the run wrote no checkpoint at step {RESUME_STOP}", log=buffer.getvalue()[-4000:])
-            train(resume_config(store, folder / "resumed", box.devices))
-            if box.two_gpus:  # a checkpoint of two GPUs resumes on one (checkpoints hold no generator state)
-                train(resume_config(store, folder / "one_gpu", one_gpu))
+                train(composed("train", resume_overrides(store, folder / "uninterrupted", box.devices)))
+        if not (folder / "resumed").is_dir():
+            return failed(f"the run wrote no checkpoint at step {RESUME_STOP}", log=buffer.getvalue()[-4000:])
+        train_in_a_new_process(resume_overrides(store, folder / "resumed", box.devices))
+        if box.two_gpus:  # a checkpoint of two GPUs resumes on one (checkpoints hold no generator state)
+            train_in_a_new_process(resume_overrides(store, folder / "one_gpu", one_gpu))
     except Exception as error:  # RunError, a kernel refusing deterministic mode, ...: the log says where
         return failed(f"training failed: {type(error).__name__}: {error}", log=buffer.getvalue()[-4000:])
-    resumed = "resuming" in (folder / "resumed" / "train.log").read_text()
-    a = load_checkpoint(folder / "uninterrupted" / "checkpoints" / "last.pt")
-    b = load_checkpoint(folder / "resumed" / "checkpoints" / "last.pt")
-    tensors = [(f"model.{k}", v, b["model"][k]) for k, v in a["model"].items()]
-    tensors += [(f"velocity.{i}", s["velocity"], b["optimizer"]["state"][i]["velocity"])
-                for i, s in a["optimizer"]["state"].items()]
-    different = [name for name, x, y in tensors if not torch.equal(x, y)]
+    same = same_training_state(folder / "uninterrupted", folder / "resumed")
+    different, compared = same["different"], same["compared"]
     steps = RESUME_EPOCHS * RESUME_IMAGES // RESUME_BATCH
-    ok = resumed and not different and a["global_step"] == b["global_step"] == steps
-    summary = (f"{RESUME_STOP} steps, a checkpoint, a resume and {steps - RESUME_STOP} more equal {steps} "
-               f"uninterrupted steps: {len(tensors) - len(different)} of {len(tensors)} weight and velocity tensors "
+    ok = same["resumed"] and not different and same["steps"] == [steps, steps]
+    summary = (f"{RESUME_STOP} steps, a checkpoint, a resume in a new process and {steps - RESUME_STOP} more equal "
+               f"{steps} uninterrupted steps: {compared - len(different)} of {compared} weight and velocity tensors "
                f"bit for bit (deterministic=true, on {', '.join(map(str, box.devices))})")
     if different:
         summary += f"; different: {different[:3]}"
-    if not resumed:
+    if not same["resumed"]:
         summary += "; but the second run did not resume (no 'resuming' in its train.log)"
     if box.two_gpus:
         finished = load_checkpoint(folder / "one_gpu" / "checkpoints" / "last.pt")["global_step"] == steps
         ok = ok and finished
         summary += f"; the step-{RESUME_STOP} checkpoint resumed on {one_gpu[0]} alone " + (
             "finished too" if finished else "did NOT finish")
-    return check_passes(ok, summary, different=different, steps=[a["global_step"], b["global_step"]])
+    return check_passes(ok, summary, different=different, steps=same["steps"])
+
+
+def same_training_state(uninterrupted: Path, resumed: Path) -> dict:
+    """Two run folders' last checkpoints compared bit for bit: `different` (the weight and velocity tensors that
+    differ), `compared` (how many there are), `steps` (each one's global step), and `resumed` (the second run's
+    train.log says it resumed)."""
+    a = load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
+    b = load_checkpoint(resumed / "checkpoints" / "last.pt")
+    tensors = [(f"model.{k}", v, b["model"][k]) for k, v in a["model"].items()]
+    tensors += [(f"velocity.{i}", s["velocity"], b["optimizer"]["state"][i]["velocity"])
+                for i, s in a["optimizer"]["state"].items()]
+    return {"different": [name for name, x, y in tensors if not torch.equal(x, y)], "compared": len(tensors),
+            "steps": [a["global_step"], b["global_step"]], "resumed": "resuming" in (resumed / "train.log").read_text()}
 
 
 # -- speed ----------------------------------------------------------------------------------------------------------
@@ -537,8 +647,8 @@ def time_options(box: Box) -> dict:
     def make():
         rows = {}
         for label, options, devices in speed_configs(box):
-            if label == "bf16" and box.gpus and not torch.cuda.is_bf16_supported():
-                rows[label] = {"skipped": "bf16 not supported by these GPUs"}
+            if label == "bf16" and box.gpus and not bf16_native(box.gpus):
+                rows[label] = {"skipped": "bf16 not native on these GPUs"}
                 continue
             speed.set_precision(options.tf32)
             speed.set_cudnn_benchmark(None, deterministic=False)  # as training: on unless deterministic
@@ -628,21 +738,40 @@ def check_speed_overlap(box: Box) -> Result:
     both = median_ms(forward_backward(model, step.inputs, step.labels), box.devices, box.steps, box.repeats)
     alone = [median_ms(tower_alone(tower, x), [device], box.steps, box.repeats)
              for tower, x, device in zip(model.towers, step.inputs, model.devices)]
-    ratio = both / max(alone)
-    return passed(f"forward + backward of both towers {both:.1f} ms; tower 0 alone {alone[0]:.1f} ms, tower 1 alone "
-                  f"{alone[1]:.1f} ms: {ratio:.2f}x the slower tower (1 = fully overlapped, 2 = one after the "
-                  "other)", both_ms=both, alone_ms=alone, ratio=ratio, batch=box.batch)
+    copies = exchange_ms(box)["ms"]
+    ratio, bound = both / max(alone), OVERLAP_TARGET * (max(alone) + copies)
+    summary = (f"forward + backward of both towers {both:.1f} ms; tower 0 alone {alone[0]:.1f} ms, tower 1 alone "
+               f"{alone[1]:.1f} ms, the exchange's copies alone {copies:.2f} ms: {ratio:.2f}x the slower tower (1 = "
+               f"the towers at once, 2 = one after the other; allowed: {OVERLAP_TARGET}x the slower tower plus the "
+               f"copies, {bound:.1f} ms)")
+    if both > bound:
+        summary += ("; the towers take turns: each copy between the GPUs waits for all the work queued on both, so "
+                    "look for work queued between an exchange's copies (placement-exchange checks their order) or a "
+                    "host sync inside the step (speed-host-syncs)")
+    return check_passes(both <= bound, summary, both_ms=both, alone_ms=alone, copies_ms=copies, ratio=ratio,
+                        bound_ms=bound, batch=box.batch)
+
+
+def exchange_ms(box: Box) -> dict:
+    """The 14 exchange copies of a step at the run's batch, timed alone: milliseconds, bytes and copies."""
+
+    def make() -> dict:
+        copies = exchange_copies(box.batch, box.devices)
+        copies += mirrored(copies)
+        size = 4 * sum(int(np.prod(shape)) for _, _, shape in copies)
+        return {"ms": median_ms(copy_work(copies), box.devices, box.steps, box.repeats), "bytes": size,
+                "copies": len(copies)}
+
+    return box.cached("exchange", make)
 
 
 def check_speed_exchange(box: Box) -> Result:
     if not box.two_gpus:
         return box.no_gpus("needs two GPUs")
-    copies = exchange_copies(box.batch, box.devices)
-    copies += mirrored(copies)
-    size = 4 * sum(int(np.prod(shape)) for _, _, shape in copies)
-    ms = median_ms(copy_work(copies), box.devices, box.steps, box.repeats)
-    return passed(f"the {len(copies)} exchange copies of a batch-{box.batch} step ({size / 1e6:.1f} MB) take "
-                  f"{ms:.2f} ms ({size / ms / 1e6:.1f} GB/s)", ms=ms, bytes=size, copies=len(copies))
+    copies = exchange_ms(box)
+    ms, size = copies["ms"], copies["bytes"]
+    return passed(f"the {copies['copies']} exchange copies of a batch-{box.batch} step ({size / 1e6:.1f} MB) take "
+                  f"{ms:.2f} ms ({size / ms / 1e6:.1f} GB/s)", **copies)
 
 
 def store_read_rate(box: Box) -> float:
@@ -701,6 +830,7 @@ def check_speed_projection(box: Box) -> Result:
 
 CHECKS: dict[str, Callable[[Box], Result]] = {
     "inventory": check_inventory,
+    "network": check_network,
     "numerics-towers": check_numerics_towers,
     "numerics-grouped": check_numerics_grouped,
     "numerics-autocast": check_numerics_autocast,
@@ -776,6 +906,7 @@ def preflight(cfg, command: str = "repro-preflight") -> int:
     # deterministic=true (randomness-resume) needs cuBLAS's fixed workspace, read when cuBLAS first starts
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     devices = resolve_devices(cfg.devices, require_two_gpus=False)
+    use_devices(devices)
     store = Path(cfg.store) if cfg.store else None
     if store is not None:
         PreparedStore(store).split("train")

@@ -17,7 +17,7 @@ from repro.distributed import World
 from repro.errors import DiskFullError, RunError
 from repro.io import flatten
 from repro.optim import PaperSGD, Schedule, load_state, param_groups
-from repro.runtime import set_determinism
+from repro.runtime import set_determinism, use_devices
 from repro.store import PreparedStore
 
 log = logging.getLogger("repro")
@@ -38,8 +38,7 @@ class Run:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.local_batch = world.local_batch(cfg.data.batch_size)
         self.devices = world.devices(cfg.devices, cfg.require_two_gpus)
-        if world.launched and self.devices[0].startswith("cuda"):
-            torch.cuda.set_device(self.devices[0])  # NCCL's own work goes to this rank's first GPU
+        use_devices(self.devices)  # before any loader pins memory
         set_determinism(cfg.deterministic)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)

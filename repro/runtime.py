@@ -35,6 +35,16 @@ def resolve_devices(requested, require_two_gpus: bool) -> list[str]:
     return devices
 
 
+def use_devices(devices) -> None:
+    """Make the first of `devices` the current CUDA device when it is a GPU. torch puts work that names no device
+    on the current one, `cuda:0` unless set: the DataLoader's pin-memory thread, `tensor.pin_memory()`, the object
+    collectives of a NCCL-only process group. Unset, a run on `devices=[cuda:2,cuda:3]` would create a context on
+    GPU 0 (which fails when GPU 0 is exclusive or full), and under torchrun every process would pick GPU 0."""
+    first = torch.device(devices[0])
+    if first.type == "cuda":
+        torch.cuda.set_device(first)
+
+
 def set_determinism(deterministic: bool) -> None:
     """Deterministic kernels (bit-exact reruns and resumes). cuDNN's autotuner is set by repro.speed."""
     torch.use_deterministic_algorithms(deterministic, warn_only=False)

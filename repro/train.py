@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict:
     metrics.json). Raises RunError or StoreError with an explanation when something must be fixed first.
     Under torchrun every process calls it; they share rank 0's run folder, and only rank 0 writes to it."""
     world = World.from_env()
-    world.start(cfg.dist_backend)
+    world.start(cfg.dist_backend, cfg.devices, cfg.require_two_gpus)
     try:
         cfg.run_dir = world.share(cfg.run_dir)  # rank 0's: Hydra's ${now} folder name can differ between processes
         if not cfg.run_dir:

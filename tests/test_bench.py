@@ -3,6 +3,7 @@ keeps the data section, and says what it skipped."""
 
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,12 +37,30 @@ def test_quick_bench_writes_every_section(tmp_path):
     for heading in ("## Data pipeline", "## Training and evaluation compute", "### On GPUs",
                     "### Estimates for dual-GPU boxes", "## Where a training step's time goes, layer by layer"):
         assert heading in text
+    # every section names the devices it ran on: here the CPU, the towers on cpu, cpu
+    assert compute["devices"] == ["cpu", "cpu"] and compute["matmul_device"] == "cpu"
+    assert all(row["devices"] == ["cpu"] for row in compute["training"].values())
+    assert "Measured on the CPU (" in text and "| two-tower, tower by tower (the default) | cpu | " in text
+    assert "measured on cpu)" in text and "10-patch evaluation (measured on cpu, cpu," in text
+    # the headline ratio: the median of the repeats' own ratios, with their range and the load of each repeat
+    ratio, repeats = compute["per_flop_vs_torchvision"], compute["per_flop_vs_torchvision_repeats"]
+    assert len(repeats) == 1 and ratio == statistics.median(repeats) and len(compute["load_average_per_repeat"]) == 2
+    assert f"runs at {ratio:.2f}x torchvision's speed**: the median of the ratios of the 1 repeats" in text
     # the three targets, each with the ratio this run measured (--quick does not time the compiled net)
-    ratio = compute["per_flop_vs_torchvision"]
-    assert f"| default path, per FLOP | at least 0.95x | {ratio:.2f}x | {'yes' if ratio >= 0.95 else 'no'} |" in text
+    assert (f"| default path, per FLOP | at least 0.95x | {ratio:.2f}x (median; {ratio:.2f}-{ratio:.2f} over the "
+            f"repeats) | {'yes' if ratio >= 0.95 else 'no'} |") in text
     assert "| grouped + torch.compile, per FLOP | at least 1.0x | not measured (--quick) | |" in text
     memory = compute["memory"]["two-tower"]["peak_bytes_per_step"] / compute["memory"]["torchvision"]["peak_bytes_per_step"]
     assert f"| training-step memory | at most 1.5x | {memory:.2f}x |" in text
     profile = results["profile"]["networks"]
     assert {row["name"] for row in profile["two-tower (default options)"]["layers"]} >= {"lrn1", "lrn2", "pool5"}
     assert all(row["forward_ms"] > 0 for rows in profile.values() for row in rows["layers"])
+
+
+def test_each_configuration_runs_where_training_would_and_is_compared_per_device():
+    pair, one = ["cuda:0", "cuda:1"], ["cuda:0", "cuda:0"]
+    assert bench.config_devices(bench.TRAIN_CONFIGS["two-tower, tower by tower (the default)"], pair) == pair
+    assert bench.config_devices(bench.TRAIN_CONFIGS["two-tower, grouped"], pair) == one  # both towers on one GPU
+    assert bench.config_devices(bench.TRAIN_CONFIGS["torchvision alexnet"], pair) == one
+    # per repeat, from that repeat's two step times: 2 s on two GPUs against 1 s on one is 0.25x per device
+    assert bench.ratio_per_flop([2.0, 1.0], 4.0, 2, [1.0, 1.0], 4.0) == [0.25, 0.5]

@@ -207,3 +207,70 @@ def test_the_ddp_wrapper_does_not_broadcast_the_constant_buffers(tmp_path):
         assert isinstance(net, DistributedDataParallel) and net.broadcast_buffers is False  # any torch version
     finally:
         dist.destroy_process_group()
+
+
+class DeviceSet(Exception):
+    """Raised by the fake `torch.cuda.set_device`: the command under test has set its device, nothing more is run."""
+
+
+@pytest.fixture
+def four_fake_gpus(monkeypatch):
+    """torch.cuda with four GPUs as far as counting goes; `set_device` records its device and stops the command, and
+    `init_process_group` records its backend (nothing initialises CUDA or joins a group)."""
+    calls = []
+
+    def set_device(device):
+        calls.append(("set_device", str(torch.device(device))))
+        raise DeviceSet
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: calls.append(("init_process_group", backend)))
+    return calls
+
+
+def test_a_process_sets_its_gpu_before_it_joins_the_group(four_fake_gpus, monkeypatch):
+    # dist_backend=nccl: the object collectives run on the current device, GPU 0 for every local rank unless set
+    world = World(rank=3, size=4, local_rank=1, local_size=2, launched=True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: four_fake_gpus.append(("set_device", str(device))))
+    world.start("nccl")
+    assert four_fake_gpus == [("set_device", "cuda:2"), ("init_process_group", "nccl")]
+    four_fake_gpus.clear()
+    world.start(None, ["cpu", "cpu"])  # a CPU pair: no GPU to set
+    assert [call for call, _ in four_fake_gpus] == ["init_process_group"]
+
+
+def test_every_command_that_uses_cuda_makes_its_first_device_current(four_fake_gpus, tmp_path, capsys):
+    # Unset, the pin-memory thread and tensor.pin_memory() work on cuda:0, whatever devices the command was given.
+    from repro.cli import figure1_main, figures_main, preflight_main
+    from repro.config import composed
+    from repro.evaluate import evaluate_checkpoint
+
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.touch()
+    commands = {
+        "repro-train": lambda: train(tiny_cfg(tmp_path / "store", tmp_path / "run", "devices=[cuda:3,cuda:2]")),
+        "repro-eval": lambda: evaluate_checkpoint(composed("eval", [f"checkpoint={checkpoint}",
+                                                                    "devices=[cuda:3,cuda:2]"])),
+        "repro-figures": lambda: figures_main([f"checkpoint={checkpoint}", "devices=[cuda:3,cuda:2]"]),
+        "repro-preflight": lambda: preflight_main(["devices=[cuda:3,cuda:2]", f"out={tmp_path}"]),
+        "repro-figure1": lambda: figure1_main([f"data={tmp_path}", "device=cuda:3", f"out={tmp_path}"]),
+    }
+    for name, run in commands.items():
+        four_fake_gpus.clear()
+        with pytest.raises(DeviceSet):
+            run()
+        assert four_fake_gpus == [("set_device", "cuda:3")], name
+
+
+def test_a_failure_to_join_names_the_network_interface(monkeypatch):
+    # Two boxes: gloo listens on the address the host's name resolves to (127.0.1.1 in Ubuntu's /etc/hosts)
+    def refused(backend, **kwargs):
+        raise RuntimeError("[enforce fail at gloo/transport/tcp/pair.cc] connectFullMesh failed")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", refused)
+    with pytest.raises(RunError, match="connectFullMesh failed.*GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME"):
+        World(rank=2, size=4, local_rank=0, local_size=2, launched=True).start(None, ["cpu", "cpu"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grouped_reference import grouped_forward, lrn_by_formula, spatial_norm_by_formula
-from repro.measure import CrossDeviceCopies
+from repro import speed
+from repro.config import SpeedConfig
+from repro.data import Augment
+from repro.measure import CrossDeviceCopies, exchange_rounds
 from repro.model import (PRESETS, AlexNet, LocalResponseNorm, SpatialResponseNorm, Tower, load_grouped_state_dict,
                          resolve_options, to_grouped_state_dict)
 
@@ -126,6 +130,47 @@ def test_placement_on_two_fake_gpus(training):
         (*to0, (2, 2048)),  # tower 1's fc7, to fc8 on cuda:0
     ]
     assert sorted(recorder.copies) == sorted(expected)
+
+
+def sorted_rounds(rounds):
+    return [sorted(copies) for copies in rounds]
+
+
+@pytest.mark.parametrize("training, options", [(True, SpeedConfig()), (False, SpeedConfig()),
+                                               (True, SpeedConfig(autocast="bf16"))], ids=["train", "eval", "bf16"])
+def test_every_copy_of_an_exchange_is_queued_before_the_next_stage_computes(training, options):
+    # A copy between GPUs waits for everything queued on both GPUs (ATen's copy_device_to_device); dispatched after a
+    # tower's next layers it would hold the other tower back until they finished, and the towers would take turns.
+    with FakeTensorMode():
+        model = speed.apply(AlexNet(devices=("cuda:0", "cuda:1")), options).train(training)
+        inputs = [torch.empty(2, 3, 224, 224, device=d) for d in ("cuda:0", "cuda:1")]
+        with CrossDeviceCopies() as recorder:
+            model(inputs)
+    assert sorted_rounds(recorder.rounds) == sorted_rounds(exchange_rounds(2, model.devices))
+
+
+def test_ten_patch_evaluation_queues_each_exchange_at_once(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # host memory: nothing to fake without CUDA
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = AlexNet(devices=("cuda:0", "cuda:1")).eval()
+        augment = Augment(np.zeros((256, 256, 3)), np.ones(3), np.eye(3), devices=model.devices)
+        views = augment.test_views(torch.zeros(2, 256, 256, 3, dtype=torch.uint8), ten_crop=True)
+        with CrossDeviceCopies() as recorder:
+            model(views)  # what repro.evaluate.evaluate calls
+    assert sorted_rounds(recorder.rounds) == sorted_rounds(exchange_rounds(20, model.devices))
+
+
+def test_one_image_tensor_is_sent_to_tower_1_before_anything_computes_and_the_grouped_path_copies_nothing():
+    with FakeTensorMode():
+        model = AlexNet(devices=("cuda:0", "cuda:1"))
+        with CrossDeviceCopies() as recorder:
+            model(torch.empty(2, 3, 224, 224, device="cuda:0"))
+        grouped = speed.apply(AlexNet(devices=("cuda:0", "cuda:0")), SpeedConfig(grouped=True))
+        with CrossDeviceCopies() as on_one_gpu:
+            grouped(torch.empty(2, 3, 224, 224, device="cuda:0"))
+    image = [[("cuda:0", "cuda:1", (2, 3, 224, 224))]]
+    assert sorted_rounds(recorder.rounds) == image + sorted_rounds(exchange_rounds(2, model.devices))
+    assert on_one_gpu.rounds == []
 
 
 class RandomOps(TorchDispatchMode):

@@ -2,17 +2,25 @@
 whole preflight without GPUs, failures and bad arguments, the exchange check on fake GPUs, and timers and memory
 probes that cover every device of the model."""
 
+import functools
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from repro import measure, preflight
+from repro import model as model_module
 from repro.cli import preflight_main
 from repro.config import SpeedConfig
-from repro.measure import CrossDeviceCopies, TrainingStep, exchange_copies, gpu_peak_memory, mirrored, sync
+from repro.measure import (CrossDeviceCopies, TrainingStep, exchange_copies, exchange_rounds, gpu_peak_memory,
+                           mirrored, sync)
 from repro.model import AlexNet, Dropout
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -25,7 +33,10 @@ def run_main(capsys, *argv) -> tuple[int, list[str], str]:
     return code, out.strip().splitlines(), err
 
 
-def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys):
+def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys, monkeypatch):
+    processes = []
+    run_process = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: processes.append(args) or run_process(args, **kw))
     code, lines, _ = run_main(capsys, f"out={tmp_path}", "batch_size=1", "repeats=1")
     assert code == 0, "\n".join(lines)
     statuses = dict(line.split(":", 1)[0].split(" ")[::-1] for line in lines[:-1])
@@ -33,7 +44,7 @@ def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys):
     expected_skips = {*GPU_CHECKS, "speed-store"}  # no GPUs here, and no store given
     assert {name for name, status in statuses.items() if status == "SKIP"} == expected_skips
     assert {name for name, status in statuses.items() if status == "PASS"} == set(preflight.CHECKS) - expected_skips
-    assert lines[-1].startswith("preflight: every check that ran passed (9 passed, 0 failed, 6 skipped")
+    assert lines[-1].startswith("preflight: every check that ran passed (10 passed, 0 failed, 6 skipped")
     record = json.loads((tmp_path / "preflight.json").read_text())
     assert record["passed"] and record["first_failure"] is None and record["devices"] == ["cpu", "cpu"]
     assert set(record["skipped"]) == expected_skips
@@ -43,6 +54,9 @@ def test_the_whole_preflight_runs_and_passes_without_gpus(tmp_path, capsys):
     assert max(checks["numerics-grouped"]["details"]["errors"]["gradients"].values()) < preflight.GRADIENT_TOLERANCE
     assert min(checks["numerics-autocast"]["details"]["cosines"]["fp16"].values()) > preflight.COSINE_FLOORS["fp16"]
     assert checks["randomness-resume"]["details"]["different"] == []
+    # the resume runs in a process of its own, as after a real restart (a new process may choose other kernels)
+    resumes = [args for args in processes if args[0] == sys.executable and any("resumed" in a for a in args)]
+    assert len(resumes) == 1 and "deterministic=true" in resumes[0]
     assert checks["randomness-dropout"]["details"]["repeat"] is True
     assert set(checks["speed-host-syncs"]["details"]["syncs"]) == {"float32", "channels_last", "bf16", "fp16",
                                                                   "grouped"}
@@ -130,10 +144,64 @@ def fake_two_device_step(one_tensor: bool):
 
 def test_exchange_check_passes_on_exactly_the_exchange_forward_and_back():
     result = fake_two_device_step(one_tensor=False)
-    assert result.status == "PASS" and result.summary.startswith("7 copies forward")
+    assert result.status == "PASS" and result.summary.startswith("7 copies forward (pool2, pool5, fc6 both ways, "
+                                                                 "fc7 to fc8) in 4 rounds, one per exchange")
     expected = exchange_copies(2, ("cpu", "meta"))
     assert sorted(result.details["forward"]) == sorted(expected)
     assert sorted(result.details["backward"]) == sorted(mirrored(expected))
+
+
+def test_exchange_check_fails_when_the_towers_would_take_turns(monkeypatch):
+    def tower_by_tower(parts, devices):  # each destination's copies, then its concatenation, as before issue 19
+        return [torch.cat([part.to(device) for part in parts], dim=1) for device in devices]
+
+    monkeypatch.setattr(model_module, "exchange", tower_by_tower)
+    result = fake_two_device_step(one_tensor=False)
+    assert result.status == "FAIL" and result.summary.startswith(
+        "forward: the copies were dispatched in 7 rounds ([1, 1, 1, 1, 1, 1, 1] copies), not one round per exchange "
+        "([2, 2, 2, 1])")
+
+
+def test_backward_sends_each_exchange_s_gradients_before_the_earlier_layers():
+    # The autograd engine runs each device's ready nodes latest-created first (engine.h's CompareNodeTaskTime), so a
+    # gradient copy, created after the stage it feeds, goes out before that stage's backward queues anything. On
+    # the fake CPU/meta pair one thread runs both devices' nodes, by the same rule; only the sum of a gradient's two
+    # halves (the local one and the copied one) falls between the copies of one exchange.
+    devices = ("cpu", "meta")
+    with FakeTensorMode():
+        model = AlexNet(devices=devices).train()
+        loss = F.cross_entropy(model([torch.empty(2, 3, 224, 224, device=d) for d in devices]),
+                               torch.zeros(2, dtype=torch.long))
+        with OpNames() as recorder:
+            loss.backward()
+    between = [name for copies in recorder.between_copies(exchange_rounds(2, devices)) for name in copies]
+    assert set(between) == {"aten.add.Tensor"}
+
+
+class OpNames(CrossDeviceCopies):
+    """Also records the name of every other op, in order, with each copy's place among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        copies = len(self.copies)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.ops.append(self.copies[-1] if len(self.copies) > copies else str(func))
+        return out
+
+    def between_copies(self, rounds) -> list[list[str]]:
+        """For each exchange (its gradients: `rounds` mirrored), the ops between its first and last copy."""
+        positions = [i for i, op in enumerate(self.ops) if isinstance(op, tuple)]
+        spans, start = [], 0
+        for exchange in reversed(rounds):
+            span = positions[start:start + len(exchange)]
+            assert sorted(self.ops[i] for i in span) == sorted(mirrored(exchange))
+            spans.append([op for op in self.ops[span[0]:span[-1] + 1] if not isinstance(op, tuple)
+                          and not op.startswith("prim.")])
+            start += len(exchange)
+        return spans
 
 
 def test_exchange_check_fails_on_an_extra_copy_and_names_it():
@@ -196,3 +264,79 @@ def test_the_stores_read_rate_is_set_against_the_step_and_bounds_the_projection(
     alone.cache["timings"] = box.cache["timings"]
     projection = preflight.check_speed_projection(alone)  # reads the store itself
     assert "read-bound" in projection.summary and 0 < alone.cache["store_rate"] < 1e6
+
+
+def cuda_box(*devices: str) -> "preflight.Box":
+    return preflight.Box(list(devices), 128, 1, 1, None, 0, False, Path("."))
+
+
+@pytest.mark.parametrize("capability, arch_list, expected", [
+    ((9, 0), ["sm_80", "sm_90"], True), ((8, 6), ["sm_80"], True), ((8, 0), ["sm_86"], False),
+    ((12, 0), ["sm_80", "sm_90", "sm_100"], False), ((12, 0), ["sm_90", "compute_90"], True),
+    ((9, 0), ["sm_90a"], True), ((10, 0), ["sm_90a"], False), ((9, 0), [], None)])
+def test_the_wheel_s_kernels_against_a_gpu_s_capability(capability, arch_list, expected):
+    assert preflight.has_kernels(capability, arch_list) is expected
+
+
+@pytest.mark.parametrize("capability, status, says", [
+    ((9, 0), "PASS", "cuda:0 Fake GPU (80.0 GiB, sm 9.0, bf16 native)"),
+    ((7, 0), "PASS", "cuda:0 Fake GPU (80.0 GiB, sm 7.0, bf16 NOT native)"),
+    ((12, 0), "FAIL", "cuda:0 Fake GPU (sm 12.0) has no kernels in this torch build (built for sm_70 sm_80 sm_90)")])
+def test_the_inventory_checks_each_gpu_against_the_build(monkeypatch, capability, status, says):
+    properties = {0: (9, 0), 1: capability}  # the model's first GPU is fine; the second is the one under test
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        name="Fake GPU", total_memory=80 * 2**30, major=properties[torch.device(device).index][0],
+        minor=properties[torch.device(device).index][1]))
+    result = preflight.check_inventory(cuda_box("cuda:1", "cuda:0"))
+    assert result.status == status and says.replace("cuda:0", "cuda:1") in result.summary
+    assert preflight.bf16_native([torch.device("cuda:0"), torch.device("cuda:1")]) is (capability[0] >= 8)
+
+
+@pytest.mark.parametrize("environment, address, status, says", [
+    ({}, "127.0.1.1", "PASS", "one process: box0 resolves to 127.0.1.1 (no other box reaches it: before training "
+                              "on several boxes, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "127.0.1.1", "PASS", "torchrun, one box"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "127.0.1.1", "FAIL",
+     "torchrun, 4 processes on several boxes: box0 resolves to 127.0.1.1, which no other box reaches"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "10.1.2.3", "PASS", "box0 resolves to 10.1.2.3"),
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", "PASS",
+     "GLOO_SOCKET_IFNAME=eth0, gloo talks on that interface")])
+def test_the_network_check_fails_across_boxes_on_a_loopback_address(monkeypatch, environment, address, status, says):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(socket, "gethostname", lambda: "box0")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [(2, 1, 6, "", (address, 0))])
+    result = preflight.check_network(cuda_box("cpu", "cpu"))
+    assert result.status == status and says in result.summary
+
+
+def test_the_tower_check_runs_with_one_gpu(monkeypatch):
+    # devices=[cuda:0,cuda:0] trains the tower path (speed.grouped is off by default): the check runs it there too
+    monkeypatch.setattr(preflight, "AlexNet", functools.partial(AlexNet, width=1 / 16))  # narrow: fast
+    box = preflight.Box(["cpu", "cpu"], 1, 1, 1, None, 0, False, Path("."))
+    assert preflight.check_numerics_towers(box).status == "SKIP"
+    box.gpus, box.numerics_batch = [torch.device("cpu")], 1  # one "GPU" holding both towers
+    result = preflight.check_numerics_towers(box)
+    assert result.status == "PASS" and result.summary.startswith("the tower path on cpu, cpu: weights from seed 0")
+
+
+def test_the_overlap_check_fails_when_the_towers_take_turns(monkeypatch):
+    box = cuda_box("cuda:0", "cuda:1")
+    model = SimpleNamespace(towers=["tower 0", "tower 1"], devices=box.devices)
+    monkeypatch.setattr(preflight, "build", lambda options, devices: model)
+    monkeypatch.setattr(preflight, "TrainingStep", lambda m, options, batch: SimpleNamespace(
+        model=m, inputs=[None, None], labels=None))
+    monkeypatch.setattr(preflight, "forward_backward", lambda m, inputs, labels: "both towers")
+    monkeypatch.setattr(preflight, "tower_alone", lambda tower, x: tower)
+    box.cache["exchange"] = {"ms": 0.5, "bytes": 0, "copies": 14}
+    for both, status in ((11.0, "PASS"), (19.0, "FAIL")):
+        times = {"both towers": both, "tower 0": 10.0, "tower 1": 9.5}
+        monkeypatch.setattr(preflight, "median_ms", lambda work, devices, steps, repeats: times[work])
+        result = preflight.check_speed_overlap(box)
+        assert result.status == status and f"{both / 10:.2f}x the slower tower" in result.summary
+        assert ("the towers take turns" in result.summary) is (status == "FAIL")

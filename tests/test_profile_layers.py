@@ -8,13 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import profile_layers  # noqa: E402
+from repro.measure import CrossDeviceCopies, exchange_rounds  # noqa: E402
 from repro.model import AlexNet  # noqa: E402
-from test_model import images  # noqa: E402
+from test_model import images, sorted_rounds  # noqa: E402
 
 VARIANTS = [("paper", {}), ("cuda_convnet", {}), ("paper", {"lrn": False}), ("paper", {"overlap_pool": False}),
             ("paper", {"conv1_padding": "symmetric2"})]
@@ -34,6 +36,16 @@ def test_the_layer_sequence_is_the_two_tower_forward(preset, overrides):
             torch.manual_seed(1)
             got = profile_layers.run_layers(layers, [x.to(d) for d in model.devices])
         assert len(got) == 1 and torch.equal(got[0], expected), mode
+
+
+def test_the_layer_sequence_queues_each_exchange_as_the_model_does():
+    # so that on two GPUs the profile times what the model does (repro.model.exchange)
+    with FakeTensorMode():
+        model = AlexNet(devices=("cuda:0", "cuda:1")).train()
+        inputs = [torch.empty(2, 3, 224, 224, device=d) for d in model.devices]
+        with CrossDeviceCopies() as recorder:
+            profile_layers.run_layers(profile_layers.two_tower_layers(model), inputs)
+    assert sorted_rounds(recorder.rounds) == sorted_rounds(exchange_rounds(2, model.devices))
 
 
 def test_the_layer_sequence_is_torchvisions_forward():

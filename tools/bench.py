@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """`make bench`: the data section (tools/bench_data.py; `make bench-data` runs it alone), then the compute section:
-in one run, side by side with interleaved repeats, the matrix-multiply peak, training images/s of the paper's two-tower network (plain and with each speed option)
-against torchvision's `alexnet` with the same loss and optimiser step, each one's achieved FLOP/s as a fraction of
-that peak, the 10-patch evaluation rate and the peak memory of a training step. On GPUs also the per-tower step,
-the cross-device copies, synthetic vs real input and images/s per GPU. Then the arithmetic for 2x A100, 2x H100 and
-2x RTX 4090. Last the profile section (tools/profile_layers.py): each layer's forward and backward time beside its
-FLOPs, for both networks. Results go to docs/benchmarks.json (one entry per section; a section not measured is kept)
-and docs/benchmarks.md.
+in one run, side by side with interleaved repeats, the matrix-multiply peak, training images/s of the paper's
+two-tower network (plain and with each speed option) against torchvision's `alexnet` with the same loss and
+optimiser step, each one's achieved FLOP/s as a fraction of that peak, the ratio per FLOP in every repeat, the
+10-patch evaluation rate and the peak memory of a training step. The compute section runs where training would:
+on the box's GPUs (two, or both towers on one; batch 128, the paper's) or else on the CPU (batch 32), and every
+table names its devices. On GPUs also the per-tower step, the cross-device copies, synthetic vs real input and
+images/s per GPU. Then the arithmetic for 2x A100, 2x H100 and 2x RTX 4090. Last the profile section
+(tools/profile_layers.py, on the CPU): each layer's forward and backward time beside its FLOPs, for both networks.
+Results go to docs/benchmarks.json (one entry per section; a section not measured is kept) and
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from repro.measure import (EPOCHS, IMAGENET_TRAIN, TrainingStep, build, copy_wor
                            gpu_peak_memory, median_ms, mirrored, seconds_per_call, sync, tower_alone,
                            training_flops_per_image)
 from repro.prepare import prepare
-from repro.runtime import resolve_devices
+from repro.runtime import resolve_devices, use_devices
 from repro.store import PreparedStore
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU_BATCH, CPU_BATCH = 128, 32  # the paper's batch on GPUs; on the CPU what a repeat can afford
 # Dense tensor peaks per GPU, no sparsity, from the vendors' data sheets (the same figures as
 # ../shared/reference/performance.md): (bf16 with fp32 accumulation, fp32 without tensor cores), TFLOP/s.
 GPU_PEAKS = {
@@ -64,9 +68,9 @@ def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: str) -> float:
     return 2 * n**3 / best
 
 
-def ten_patch_rate(batch: int, repeats: int, device: str) -> float:
+def ten_patch_rate(batch: int, repeats: int, devices: list[str]) -> float:
     """Images/s of the 10-patch evaluation (§4.1: 10 views each, softmaxes averaged), default speed options."""
-    model = build(SpeedConfig(), (device, device)).eval()
+    model = build(SpeedConfig(), devices).eval()
     rng = np.random.default_rng(0)
     augment = Augment(rng.uniform(0, 255, (256, 256, 3)), np.ones(3), np.eye(3), devices=model.devices)
     images = torch.from_numpy(rng.integers(0, 256, (batch, 256, 256, 3), dtype=np.uint8))
@@ -184,49 +188,84 @@ def estimates(flops_per_image: float) -> dict:
     return {"flops_per_training_image": flops_per_image, "total_flops_90_epochs": total, "gpus": rows}
 
 
+def config_devices(options: SpeedConfig | None, devices: list[str]) -> list[str]:
+    """Where a configuration of TRAIN_CONFIGS runs: the towers on `devices`, or on the first alone when grouped
+    (both towers on one device); torchvision's network on the first."""
+    return devices if options is not None and not options.grouped else [devices[0]] * 2
+
+
+def machine(devices: list[str]) -> str:
+    """The devices a section ran on, in words: the GPUs' names, or the CPU."""
+    if torch.device(devices[0]).type == "cuda":
+        return ", ".join(f"{d} {torch.cuda.get_device_name(torch.device(d))}" for d in map(str, distinct(devices)))
+    return (f"the CPU ({platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
+            f"{torch.backends.cpu.get_cpu_capability()})")
+
+
+def ratio_per_flop(steps: list[float], flops: float, devices: int, torchvision_steps: list[float],
+                   torchvision_flops: float) -> list[float]:
+    """A network's achieved FLOP/s per device over torchvision's (one device), repeat by repeat: each ratio from
+    the two step times of one repeat (the same batch)."""
+    return [(flops / step / devices) / (torchvision_flops / theirs) for step, theirs in zip(steps, torchvision_steps)]
+
+
 def measure(args) -> dict:
-    device = "cpu"
-    memory_devices = resolve_devices(None, require_two_gpus=False)
+    devices = resolve_devices(None, require_two_gpus=False)  # two GPUs, both towers on the one, or the CPU
+    use_devices(devices)
+    gpu = torch.device(devices[0]).type == "cuda"
+    batch = args.batch or (GPU_BATCH if gpu else CPU_BATCH)
+    speed.set_cudnn_benchmark(None, deterministic=False)  # as training: cuDNN picks its algorithms
     load_before = os.getloadavg()
     flops = {"two-tower": training_flops_per_image(SpeedConfig()), "torchvision": training_flops_per_image(None),
              "two-tower, LRN window sums included": training_flops_per_image(SpeedConfig(), lrn=True)}
-    n = 256 if args.quick else 2048
-    peaks = {"fp32": matmul_peak(torch.float32, n, args.repeats + 2, device)}
-    peaks["bf16"] = matmul_peak(torch.bfloat16, n, args.repeats + 2, device)
+    n = 256 if args.quick else 8192 if gpu else 2048
+    peaks = {"fp32": matmul_peak(torch.float32, n, args.repeats + 2, devices[0])}
+    peaks["bf16"] = matmul_peak(torch.bfloat16, n, args.repeats + 2, devices[0])
     quick_skips = ("channels_last", "bf16", "compile")  # a smoke run times the default, grouped and torchvision nets
     configs = {k: v for k, v in TRAIN_CONFIGS.items() if not (args.quick and any(w in k for w in quick_skips))}
-    trainers = {label: TrainingStep(build(options, (device, device)), options, args.batch)
-                for label, options in configs.items()}
+    where = {label: config_devices(options, devices) for label, options in configs.items()}
+    used = {label: len(distinct(where[label])) for label in configs}
+    trainers = {label: TrainingStep(build(options, where[label]), options, batch) for label, options in configs.items()}
     for trainer in trainers.values():
-        trainer.step()  # warm-up (and compilation)
-    times = {label: [] for label in trainers}
-    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits every network alike
-        for label, trainer in trainers.items():
-            times[label].append(trainer.seconds(args.steps))
+        for _ in range(2 if gpu else 1):
+            trainer.step()  # warm-up (compilation; on GPUs cuDNN's autotuning)
+    times, loads = {label: [] for label in trainers}, []
+    for repeat in range(args.repeats):
+        # Interleaved, so that a change in the machine's load hits every network alike; every other repeat in the
+        # opposite order, so that no network always follows the same one.
+        loads.append(os.getloadavg()[0])
+        for label in (list(trainers) if repeat % 2 == 0 else reversed(list(trainers))):
+            times[label].append(trainers[label].seconds(args.steps))
+    loads.append(os.getloadavg()[0])
     training = {}
     for label, options in configs.items():
-        rate = args.batch / statistics.median(times[label])
+        rate = batch / statistics.median(times[label])
         per_image = flops["torchvision" if options is None else "two-tower"]
         precision = "bf16" if options is not None and speed.autocast_name(options) else "fp32"
-        training[label] = {"images_per_s": rate, "flops_per_image": per_image, "achieved_flops": rate * per_image,
-                           "peak": precision, "fraction_of_peak": rate * per_image / peaks[precision],
-                           "step_s_repeats": times[label]}
+        peak = peaks[precision] * used[label]
+        training[label] = {"devices": [str(d) for d in distinct(where[label])], "images_per_s": rate,
+                           "flops_per_image": per_image, "achieved_flops": rate * per_image, "peak": precision,
+                           "fraction_of_peak": rate * per_image / peak, "step_s_repeats": times[label]}
     del trainers
-    default = training["two-tower, tower by tower (the default)"]["achieved_flops"]
-    grouped = training["two-tower, grouped"]["achieved_flops"]
-    torchvision_flops = training["torchvision alexnet"]["achieved_flops"]
-    eval_batch = 2 if args.quick else 16
+    ratios = {key: ratio_per_flop(times[label], flops["two-tower"], used[label], times["torchvision alexnet"],
+                                  flops["torchvision"])
+              for key, label in (("default", "two-tower, tower by tower (the default)"),
+                                 ("grouped", "two-tower, grouped"))}
+    eval_batch = 2 if args.quick else GPU_BATCH if gpu else 16
     return {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
-                   f"{torch.backends.cpu.get_cpu_capability()}",
-        "load_average_before_after": [load_before[0], os.getloadavg()[0]], "precision": speed.precision(),
-        "batch": args.batch, "steps_per_repeat": args.steps, "repeats": args.repeats, "flops_per_image": flops,
-        "matmul_peak_flops": peaks, "matmul_n": n,
+        "machine": machine(devices), "devices": devices,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]], "load_average_per_repeat": loads,
+        "precision": speed.precision(),
+        "batch": batch, "steps_per_repeat": args.steps, "repeats": args.repeats, "flops_per_image": flops,
+        "matmul_peak_flops": peaks, "matmul_n": n, "matmul_device": devices[0],
         "training": training,
-        "per_flop_vs_torchvision": default / torchvision_flops, "grouped_per_flop_vs_torchvision": grouped / torchvision_flops,
-        "ten_patch_images_per_s": ten_patch_rate(eval_batch, args.repeats, device), "ten_patch_batch": eval_batch,
-        "memory": {kind: peak_memory(kind, args.batch, memory_devices) for kind in ("two-tower", "torchvision")},
-        "gpu": gpu_sections(args.batch, args.steps, args.repeats) if torch.cuda.is_available() else
+        "per_flop_vs_torchvision": statistics.median(ratios["default"]),
+        "per_flop_vs_torchvision_repeats": ratios["default"],
+        "grouped_per_flop_vs_torchvision": statistics.median(ratios["grouped"]),
+        "grouped_per_flop_vs_torchvision_repeats": ratios["grouped"],
+        "ten_patch_images_per_s": ten_patch_rate(eval_batch, args.repeats, devices), "ten_patch_batch": eval_batch,
+        "memory": {kind: peak_memory(kind, batch, devices) for kind in ("two-tower", "torchvision")},
+        "gpu": gpu_sections(batch, args.steps, args.repeats) if gpu else
         {"skipped": "no CUDA device on this machine: the per-tower step, cross-device copies, synthetic vs real "
                     "input and images/s per GPU are measured only on GPUs"},
         "estimates": estimates(flops["two-tower"]),
@@ -244,41 +283,65 @@ def render_targets(c: dict) -> list[str]:
             ("grouped + torch.compile, per FLOP", "at least 1.0x",
              compiled["achieved_flops"] / tv if compiled else None, 1.0, True),
             ("training-step memory", "at most 1.5x", memory, 1.5, False)]
+    spread = {"default path, per FLOP": c.get("per_flop_vs_torchvision_repeats")}
     lines = ["| against torchvision's alexnet | target | measured | met |", "|---|---|---|---|"]
     for name, target, ratio, bound, higher in rows:
         if ratio is None:
             lines.append(f"| {name} | {target} | not measured (--quick) | |")
-        else:
-            lines.append(f"| {name} | {target} | {ratio:.2f}x | {'yes' if (ratio >= bound if higher else ratio <= bound) else 'no'} |")
+            continue
+        repeats = spread.get(name)
+        over = f" (median; {min(repeats):.2f}-{max(repeats):.2f} over the repeats)" if repeats else ""
+        met = "yes" if (ratio >= bound if higher else ratio <= bound) else "no"
+        lines.append(f"| {name} | {target} | {ratio:.2f}x{over} | {met} |")
     return lines + [""]
+
+
+def render_per_flop(c: dict) -> str:
+    """The headline ratio: the median of the repeats' ratios, with their range and the load they ran under."""
+    repeats = c.get("per_flop_vs_torchvision_repeats")
+    if not repeats:  # a record from before the ratios per repeat
+        return (f"**Per FLOP, the two-tower network (default options) runs at {c['per_flop_vs_torchvision']:.2f}x "
+                f"torchvision's speed** (grouped: {c['grouped_per_flop_vs_torchvision']:.2f}x): the ratio of the "
+                "median rates of a run from before the bench timed ratios per repeat, so without their spread.")
+    grouped = c["grouped_per_flop_vs_torchvision_repeats"]
+    loads = c["load_average_per_repeat"]
+    return (f"**Per FLOP and per device, the two-tower network (default options) runs at "
+            f"{c['per_flop_vs_torchvision']:.2f}x torchvision's speed**: the median of the ratios of the "
+            f"{len(repeats)} repeats (each from the two networks' steps in that repeat), "
+            f"{min(repeats):.2f}-{max(repeats):.2f} over them, at load average {min(loads):.1f}-{max(loads):.1f} "
+            f"(grouped: {c['grouped_per_flop_vs_torchvision']:.2f}x, {min(grouped):.2f}-{max(grouped):.2f}).")
 
 
 def render_compute(c: dict) -> list[str]:
     g = 1e9
+    loads = c.get("load_average_per_repeat")  # absent in a record from before the ratios per repeat
+    during = f", {min(loads):.1f}-{max(loads):.1f} during it" if loads else ""
+    order = " (every other repeat in the opposite order)" if loads else ""
     lines = ["## Training and evaluation compute (`make bench`)", "",
              f"Measured on {c['machine']} with `{c['command']}` ({c['date']}, torch {c['torch']}); load average "
              f"{c['load_average_before_after'][0]:.1f} before and {c['load_average_before_after'][1]:.1f} after the "
-             "run (above the core count means other work shared the cores). Batch "
-             f"{c['batch']}, random images and labels, forward + mean cross-entropy + backward + PaperSGD; medians "
-             f"of {c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps. Precision set for float32 on "
-             f"GPUs (a CPU has no TF32): convolutions {c['precision']['float32_convolutions']}, matrix products "
-             f"{c['precision']['float32_matmuls']}.", "",
-             f"Matrix-multiply peak (n={c['matmul_n']}, measured): fp32 {c['matmul_peak_flops']['fp32'] / g:.0f} "
-             f"GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} GFLOP/s.", "",
-             "| network and options | images/s | GFLOP per image (fwd+bwd, counted) | achieved GFLOP/s | "
-             "fraction of the matmul peak |", "|---|---|---|---|---|"]
+             f"run{during} (above the core count means other work shared the cores). Batch {c['batch']}, random "
+             "images and labels, forward + mean cross-entropy + backward + PaperSGD; medians of "
+             f"{c['repeats']} interleaved repeats of {c['steps_per_repeat']} steps{order}. float32 is IEEE float32, "
+             "as training sets it (TF32 exists on GPUs only): convolutions "
+             f"{c['precision']['float32_convolutions']}, matrix products {c['precision']['float32_matmuls']}.", "",
+             f"Matrix-multiply peak (n={c['matmul_n']}, measured on {c.get('matmul_device', 'cpu')}): fp32 "
+             f"{c['matmul_peak_flops']['fp32'] / g:.0f} GFLOP/s, bf16 {c['matmul_peak_flops']['bf16'] / g:.0f} "
+             "GFLOP/s.", "",
+             "| network and options | devices | images/s | GFLOP per image (fwd+bwd, counted) | achieved GFLOP/s | "
+             "fraction of the matmul peak (per device) |", "|---|---|---|---|---|---|"]
     for label, row in c["training"].items():
-        lines.append(f"| {label} | {row['images_per_s']:.1f} | {row['flops_per_image'] / g:.2f} | "
-                     f"{row['achieved_flops'] / g:.0f} | {row['fraction_of_peak']:.2f} of {row['peak']} |")
+        lines.append(f"| {label} | {', '.join(row.get('devices', ['cpu']))} | {row['images_per_s']:.1f} | "
+                     f"{row['flops_per_image'] / g:.2f} | {row['achieved_flops'] / g:.0f} | "
+                     f"{row['fraction_of_peak']:.2f} of {row['peak']} |")
     lines += ["", f"FLOPs per training image, counted: two-tower {c['flops_per_image']['two-tower'] / g:.2f} G "
               f"({c['flops_per_image']['two-tower, LRN window sums included'] / g:.2f} G with the LRN's window "
               f"sums, left out above), torchvision {c['flops_per_image']['torchvision'] / g:.2f} G; conv1's input "
               "gradient is not computed, so both are a little under 3x the forward FLOPs.", "",
-              f"**Per FLOP, the two-tower network (default options) runs at {c['per_flop_vs_torchvision']:.2f}x "
-              f"torchvision's speed** (grouped: {c['grouped_per_flop_vs_torchvision']:.2f}x).", "",
+              render_per_flop(c), "",
               *render_targets(c),
-              f"10-patch evaluation (measured, batch {c['ten_patch_batch']}, 10 views each): "
-              f"{c['ten_patch_images_per_s']:.1f} images/s.", ""]
+              f"10-patch evaluation (measured on {', '.join(c.get('devices', ['cpu', 'cpu']))}, batch "
+              f"{c['ten_patch_batch']}, 10 views each): {c['ten_patch_images_per_s']:.1f} images/s.", ""]
     for kind, mem in c["memory"].items():
         per_gpu = ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in mem.get("peak_bytes_per_gpu", {}).items())
         lines.append(f"Peak memory of a batch-{c['batch']} training step, {kind} (measured: {mem['what']}): "
@@ -321,7 +384,8 @@ def render_compute(c: dict) -> list[str]:
               "| host-to-device copy on the critical path | `speed.prefetch` (pinned memory, side stream) |",
               "| input rate (decode) | the prepared uint8 store + augmentation on the GPU (data section above) |",
               "| one GPU running both towers | `speed.grouped` (fewer, larger kernels; no exchange copies) |",
-              "| cross-device copies | P2P/NVLink; the towers already overlap (no host sync inside a step) |", ""]
+              "| cross-device copies | P2P/NVLink; each exchange's copies are queued together, so the towers compute "
+              "at once between exchanges (docs/speed.md#on-two-gpus) |", ""]
     return lines
 
 
@@ -334,7 +398,7 @@ def render(all_results: dict) -> str:
     if "compute" in all_results:
         lines += render_compute(all_results["compute"])
     if "profile" in all_results:
-        lines += ["## Where a training step's time goes, layer by layer", "",
+        lines += ["## Where a training step's time goes, layer by layer (on the CPU)", "",
                   profile_layers.render(all_results["profile"])]
     return "\n".join(lines)
 
@@ -358,9 +422,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"any of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--seconds", type=float, default=10.0, help="time per data throughput measurement")
-    parser.add_argument("--batch", type=int, default=32, help="training batch size (both networks)")
+    parser.add_argument("--batch", type=int, help=f"training batch size, both networks (default: {GPU_BATCH} on "
+                        f"GPUs, {CPU_BATCH} on the CPU)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved repeats")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny matrices, three networks")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.{json,md} go")
     parser.add_argument("--memory-probe", choices=("two-tower", "torchvision"), help=argparse.SUPPRESS)
@@ -368,13 +433,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     speed.set_precision(False)  # IEEE float32, as training sets it (torch's default is TF32 for cuDNN convolutions)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args.batch, args.devices.split(","))))
+        print(json.dumps(memory_probe(args.memory_probe, args.batch or CPU_BATCH, args.devices.split(","))))
         return 0
     sections = [s for s in args.sections.split(",") if s]
     if not sections or set(sections) - set(SECTIONS):
         parser.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
     measures = {"data": lambda: bench_data.measure(args.seconds), "compute": lambda: measure(args),
-                "profile": lambda: profile_layers.profile(args.batch, args.repeats)}
+                "profile": lambda: profile_layers.profile(min(args.batch or CPU_BATCH, CPU_BATCH), args.repeats)}
     # in this order (the data section runs on one core, the others on all), then written together
     print(save({section: measures[section]() for section in sections}, args.out))
     return 0

@@ -52,7 +52,7 @@ def two_tower_layers(model: AlexNet) -> list[Layer]:
         return lambda xs: [fn(tower, x) for tower, x in zip(towers, xs)]
 
     def exchange_at(where: str) -> Layer:
-        return (f"exchange ({where} input)", "exchange", lambda xs: [exchange(xs, device) for device in devices])
+        return (f"exchange ({where} input)", "exchange", lambda xs: exchange(xs, devices))
 
     def relu(name: str) -> Layer:
         return (name, "relu", each(lambda tower, x: F.relu(x, inplace=True)))
@@ -77,7 +77,7 @@ def two_tower_layers(model: AlexNet) -> list[Layer]:
         layers += [exchange_at(f"fc{i}"), (f"fc{i}", "fc", each(lambda tower, x, i=i: getattr(tower, f"fc{i}")(x))),
                    relu(f"relu{i}"), (f"dropout{i}", "dropout", each(lambda tower, x, i=i:
                                                                       getattr(tower, f"dropout{i}")(x)))]
-    layers += [("exchange (fc8 input)", "exchange", lambda xs: [exchange(xs, devices[0])]),
+    layers += [("exchange (fc8 input)", "exchange", lambda xs: exchange(xs, devices[:1])),
                ("fc8", "fc", lambda xs: [model.fc8(xs[0])])]
     return layers
 

@@ -75,7 +75,7 @@ def logits_and_fc7(model: AlexNet, x: torch.Tensor) -> tuple[torch.Tensor, torch
     finally:
         for hook in hooks:
             hook.remove()
-    return logits, exchange(captured, model.devices[0])
+    return logits, exchange(captured, model.devices[:1])[0]
 
 
 def fc7_batches(model: AlexNet, augment: Augment, split: Split, batch_size: int, workers: int = 0,
