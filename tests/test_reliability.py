@@ -624,7 +624,7 @@ def test_a_refused_resume_changes_nothing_and_the_run_resumes_after_it(tiny_run,
 def test_a_refused_resume_called_directly_leaves_the_folder_as_it_was(half_run, demo_store):
     before = folder_state(half_run)
     with pytest.raises(RunError, match=r"holds a run with different settings \(deterministic"):
-        train(tiny_cfg(demo_store, half_run, "data.limit_val=null", "deterministic=false"))
+        train(tiny_cfg(demo_store, half_run, "deterministic=false"))
     assert folder_state(half_run) == before  # no failed.json, no line in train.log
 
 
@@ -634,8 +634,9 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def half_run(demo_store, tmp_path_factory) -> Path:
-    """tiny_run's run (experiment=tiny, data.limit_val=null) killed right after its checkpoint at global step 6 (epoch
-    1 step 2): resumed unchanged, it ends with tiny_run's weights. Tests that resume it work on a copy."""
+    """An experiment=tiny run killed right after its checkpoint at global step 6 (epoch 1 step 2): resumed unchanged,
+    it ends with tiny_run's weights (tiny_run evaluates more images, which changes no weight). Tests that resume it
+    work on a copy."""
     from repro.run import Run
 
     run_dir, save = tmp_path_factory.mktemp("half_run"), Run.save
@@ -648,7 +649,7 @@ def half_run(demo_store, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Run, "save", save_then_die)
         with pytest.raises(Killed):
-            train(tiny_cfg(demo_store, run_dir, "data.limit_val=null"))
+            train(tiny_cfg(demo_store, run_dir))
     (run_dir / "failed.json").unlink()
     return run_dir
 
@@ -707,12 +708,12 @@ def test_a_resume_with_an_ablation_switch_or_another_determinism_is_refused(half
 
     with pytest.raises(RunError, match=rf"holds a run with different settings \({re.escape(key)}: .* which define "
                                        "what it measures"):
-        Run(tiny_cfg(demo_store, half_run, "data.limit_val=null", override))
+        Run(tiny_cfg(demo_store, half_run, override))
 
 
 def test_a_resume_may_change_the_rate_and_the_record_says_from_which_step(half_run, demo_store, tmp_path):
     run = copy_of(half_run, tmp_path)
-    metrics = train(tiny_cfg(demo_store, run, "data.limit_val=null", "optim.lr=0.005", "log_every=1"))
+    metrics = train(tiny_cfg(demo_store, run, "optim.lr=0.005", "log_every=1"))
     change = {"epoch": 1, "step": 2, "global_step": 6, "settings": {"optim.lr": [0.01, 0.005], "log_every": [2, 1]}}
     assert metrics["setting_changes"] == [change]
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["changes"] == [change]
@@ -729,7 +730,7 @@ def test_a_deterministic_resume_takes_the_thread_count_of_the_run(half_run, tiny
     recorded = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["threads"]
     torch.set_num_threads(recorded + 1)
     try:
-        metrics = train(tiny_cfg(demo_store, run, "data.limit_val=null"))
+        metrics = train(tiny_cfg(demo_store, run))
         assert torch.get_num_threads() == recorded == metrics["threads"]
     finally:
         torch.set_num_threads(threads)
