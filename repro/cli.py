@@ -6,7 +6,8 @@ can fix (`repro.errors.ReproError`) ends a command with one line on stderr and e
 `repro-eval` are Hydra apps (run folders, `--multirun` sweeps, in which a failed job is recorded and the others
 go on); the other commands compose their settings with Hydra's compose API and write no Hydra folders. Training
 stopped by a signal (`repro.loop.Stopped`, last.pt saved) ends with one logged line and status 128 + the signal's
-number, after the launcher's own handler of the signal, if any, has had it (submitit's requeues the job).
+number, after the launcher's own handler of the signal, if any, has had it (submitit's requeues the job); so do a
+final evaluation and a preparation stopped by SIGINT or SIGTERM (what is done is kept; the same command goes on).
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ from omegaconf import DictConfig, OmegaConf
 from repro.config import CONF_DIR, TOOL_CONFIGS, composed, validate
 from repro.demo_data import make_demo_data
 from repro.distributed import World
-from repro.errors import FolderBusyError, ReproError, RunError
+from repro.errors import ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
-from repro.io import locked
+from repro.io import atomic_write, locked, make_folder
 from repro.launchers import own_gpu_pair, share_visible_gpus
-from repro.loop import Stopped
+from repro.loop import StopSignals, Stopped
 from repro.preflight import preflight
-from repro.prepare import prepare
+from repro.prepare import STOP_SIGNALS, prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
 from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
 from repro.reports.figures import make_figures
 from repro.reports.paper import write_report
-from repro.runtime import resolve_devices, use_devices
+from repro.runtime import available_cores, resolve_devices, use_devices, worker_count
 from repro.train import train
+
+HYDRA_RECORD = ".hydra"  # a run folder's record of repro-train's command, in Hydra's layout (hydra_record)
 
 
 def fail(tool: str, error: Exception) -> None:
@@ -105,19 +108,19 @@ def train_main() -> None:
     world = World.from_env()
     share_visible_gpus()  # for the jobs of LAUNCHER=pairs (repro/launchers.py)
     if not world.main:
-        # Only rank 0's Hydra makes the run folder (its ${now} name may differ here); train() shares it.
-        sys.argv = [a for a in sys.argv if not a.lstrip("+~").startswith("hydra.run.dir=")] + [
-            "hydra.run.dir=.", "hydra.output_subdir=null"]
+        # Only rank 0's Hydra names the run folder (its ${now} name may differ here); train() shares it.
+        sys.argv = [a for a in sys.argv if not a.lstrip("+~").startswith("hydra.run.dir=")] + ["hydra.run.dir=."]
 
     @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
     def run(cfg: DictConfig) -> float:
         setup_logging()
+        record = hydra_record(cfg)
         if cfg.run_dir is None:
             cfg.run_dir = HydraConfig.get().runtime.output_dir
         tool = f"repro-train{f' (rank {world.rank})' if world.launched else ''}"
         try:
             with own_gpu_pair(HydraConfig.get()):
-                metrics = train(cfg)
+                metrics = train(cfg, on_accept=record)
             if world.main:
                 print(write_report(cfg.run_dir))
         except ReproError as error:
@@ -129,17 +132,37 @@ def train_main() -> None:
             sys.exit(stop.hand_over())  # its one line is logged; in a basic launcher's sweep the sweep stops too
         return metrics["top1_err_10crop"]
 
-    # Lock a run folder named on the command line before Hydra writes its .hydra/ there: a second process must not
-    # replace the config of the run that holds it. train() locks every run folder (this lock is already its own).
+    # Make and lock a run folder named on the command line before Hydra starts: a path through a file is named in one
+    # line (Hydra's own mkdir would fail with a traceback), a second process is refused at once. train() locks every
+    # run folder (this lock is already its own).
     run_dir = given_run_dir(sys.argv[1:]) if world.main else None
     try:
         if run_dir:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(run_dir, "hydra.run.dir")
         with locked(run_dir, "training run") if run_dir else contextlib.nullcontext():
             run()
-    except FolderBusyError as error:
+    except ReproError as error:
         fail("repro-train", error)
         sys.exit(2)
+
+
+def hydra_record(cfg: DictConfig):
+    """What Hydra writes into a job's folder as it starts (.hydra/config.yaml, hydra.yaml, overrides.yaml: the run's
+    command, which repro-resume and the ablation summaries read), as a function that writes it; train() calls it
+    once the run is accepted. conf/train.yaml turns Hydra's own writing off: it came before a resume with other
+    settings was refused, so that the refused command replaced the run's and every later resume replayed it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.instance().cfg
+    files = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
+    folder = Path(hydra_cfg.hydra.runtime.output_dir) / HYDRA_RECORD
+
+    def write() -> None:
+        folder.mkdir(exist_ok=True)
+        for name, text in files.items():
+            atomic_write(folder / name, lambda f, text=text: f.write(text.encode()))
+    return write
 
 
 def eval_main() -> None:
@@ -176,7 +199,7 @@ def resume_main(argv: list[str]) -> int:
     if not run_dirs:
         raise RunError("give run_dir=<the run folder to continue> (and any settings to change, key=value)")
     run_dir = Path(run_dirs[-1])
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides_file = run_dir / HYDRA_RECORD / "overrides.yaml"
     if not overrides_file.is_file():
         raise RunError(f"{overrides_file} does not exist: {run_dir} is not a repro-train run folder")
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or [] if not o.startswith("hydra.")]
@@ -198,8 +221,11 @@ def report_main(argv: list[str]) -> int:
 @entry_point("repro-prepare")
 def prepare_main(argv: list[str]) -> int:
     cfg = settings("repro-prepare", "prepare", argv)
-    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft,
-            source=cfg.source.name if cfg.source else None)
+    kept = (f"during the preparation; nothing is lost: the images converted so far are kept in {cfg.store} and the "
+            "same command continues from them")
+    with StopSignals(STOP_SIGNALS, at_once=kept):  # Ctrl-C or a scheduler's SIGTERM: one line, no traceback
+        prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers or available_cores(), cfg.draft,
+                source=cfg.source.name if cfg.source else None)
     return 0
 
 
@@ -219,7 +245,7 @@ def demo_data_main(argv: list[str]) -> int:
 def figures_main(argv: list[str]) -> int:
     cfg = settings("repro-figures", "figures", argv)
     result = make_figures(cfg.run_dir, cfg.checkpoint, list(cfg.which), cfg.store, cfg.devices, cfg.queries,
-                          cfg.batch_size, cfg.workers)
+                          cfg.batch_size, worker_count(cfg.workers))
     for path in result["written"]:
         print(path)
     if "colour_specificity" in result:
@@ -268,4 +294,6 @@ def two_gpus_main(argv: list[str]) -> int:
 @entry_point("repro-preflight")
 def preflight_main(argv: list[str]) -> int:
     """0 when every check that ran passed, 1 naming the first failure (2: the settings were wrong)."""
-    return preflight(settings("repro-preflight", "preflight", argv), " ".join(["repro-preflight", *argv]))
+    cfg = settings("repro-preflight", "preflight", argv)
+    cfg.workers = worker_count(cfg.workers)
+    return preflight(cfg, " ".join(["repro-preflight", *argv]))

@@ -31,6 +31,7 @@ from repro import optim as optim_lib
 from repro import sources as sources_lib
 from repro import speed as speed_lib
 from repro.errors import RunError
+from repro.runtime import available_cores
 
 # The Hydra configs live beside the package in the source tree (an editable install keeps them there).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -43,13 +44,18 @@ def choices(name: str, values) -> type[Enum]:
 
 Preset = choices("Preset", model_lib.PRESETS)
 
+# Seeds go to torch.manual_seed, which takes integers below 2**64, and to numpy's generators, which take any
+# non-negative integer: a seed is below 2**64.
+SEED_LIMIT = 2**64
+
 # The limits a numeric setting may carry (`limited`), as tests of (value, bound).
 LIMITS = {"at_least": operator.ge, "above": operator.gt, "at_most": operator.le, "below": operator.lt}
 
 
 def limited(default=None, *, factory=None, **limits):
     """A numeric setting's field with its allowed range (keywords of LIMITS; for a list, of each item), which
-    `validate` checks when a command reads its config."""
+    `validate` checks when a command reads its config. A bound may depend on the machine: a function, called when
+    the value is checked, whose docstring names the bound in the error (e.g. `runtime.available_cores`)."""
     assert set(limits) <= set(LIMITS), limits
     metadata = {"limits": limits}
     return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
@@ -76,8 +82,9 @@ def validate(cfg: DictConfig, prefix: str = "") -> None:
             if not math.isfinite(item):
                 raise RunError(f"{shown}must be a finite number")
             for rule, bound in spec.metadata.get("limits", {}).items():
+                bound, what = (bound(), f" ({bound.__doc__})") if callable(bound) else (bound, "")
                 if not LIMITS[rule](item, bound):
-                    raise RunError(f"{shown}must be {rule.replace('_', ' ')} {bound}")
+                    raise RunError(f"{shown}must be {rule.replace('_', ' ')} {bound}{what}")
 
 
 def _model_option_type(key: str, default) -> type:
@@ -109,7 +116,8 @@ class DataConfig:
 
     store: str = MISSING
     batch_size: int = limited(128, at_least=1)  # §5
-    workers: int = limited(2, at_least=0)
+    # loader processes; null: up to runtime.DEFAULT_WORKERS, leaving a core for the training process
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)
     pca_lighting: bool = True  # §4.1
     pca_std: float = limited(0.1, at_least=0)
     lighting_style: LightingStyle = LightingStyle.paper
@@ -174,7 +182,7 @@ class TrainConfig:
     name: str = "run"
     devices: Optional[List[str]] = None
     require_two_gpus: bool = False
-    seed: int = limited(0, at_least=0)
+    seed: int = limited(0, at_least=0, below=SEED_LIMIT)
     deterministic: bool = False
     run_dir: Optional[str] = None  # the entry point fills in Hydra's output folder
     checkpoint_every: int = limited(500, at_least=1)  # steps between checkpoints (and at every epoch's end)
@@ -193,7 +201,7 @@ class EvalConfig:
     store: Optional[str] = None  # default: the store the checkpoint was trained on
     devices: Optional[List[str]] = None
     batch_size: int = limited(64, at_least=1)  # images per batch (x10 views with 10 patches)
-    workers: int = limited(2, at_least=0)
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
     out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
@@ -216,7 +224,7 @@ class PrepareConfig:
     store: str = MISSING
     source: Optional[Layout] = None
     skip_bad: bool = False
-    workers: Optional[int] = limited(None, at_least=1)
+    workers: Optional[int] = limited(None, at_least=1, at_most=available_cores)
     draft: bool = True
 
 
@@ -252,7 +260,7 @@ class FiguresConfig:
     devices: Optional[List[str]] = None
     queries: Optional[int] = limited(None, at_least=1)
     batch_size: int = limited(64, at_least=1)
-    workers: int = limited(2, at_least=0)
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
 
 
 @dataclass
@@ -269,7 +277,7 @@ class Figure1Config:
     lrs: List[float] = limited(factory=lambda: [0.0005, 0.001, 0.002], above=0)
     activations: List[str] = field(default_factory=lambda: ["relu", "tanh"])
     init: str = "paper"
-    seed: int = limited(0, at_least=0)
+    seed: int = limited(0, at_least=0, below=SEED_LIMIT)
     limit: Optional[int] = limited(None, at_least=1)
     batch_size: int = limited(128, at_least=1)
     device: str = "cpu"
@@ -295,7 +303,7 @@ class PreflightConfig:
     steps: Optional[int] = limited(None, at_least=1)
     repeats: Optional[int] = limited(None, at_least=1)
     store: Optional[str] = None
-    workers: int = limited(2, at_least=0)
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
     compile: bool = False
     checks: Optional[List[str]] = None
     out: Optional[str] = None

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,24 @@ from repro.runtime import resolve_devices, use_devices
 
 # A rank waits this long for the others (rank 0 alone writing a 455 MB checkpoint, a slow evaluation shard).
 TIMEOUT = timedelta(minutes=30)
+
+# What gloo and NCCL say when the process at the other end of a collective is gone: its connections closed or reset
+# (gloo: "Connection closed by peer [10.0.0.2]:41234", "Connection reset by peer", "Broken pipe"; NCCL: "remote
+# process exited or there was a network error").
+PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote process exited")
+PF_EXITING = 0x4  # a /proc/PID/stat flag: set as a process starts to exit, before the kernel closes its sockets
+
+
+def alive(pid: int) -> bool:
+    """Whether the process `pid` on this machine is running: not gone, not a zombie, not exiting (a peer's sockets
+    are closed while it exits, so a collective can fail before the process is a zombie)."""
+    if not Path("/proc/self/stat").exists():
+        return True  # no /proc to ask: not known to be dead
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return state not in ("Z", "X") and not int(fields[5]) & PF_EXITING
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,31 @@ class World:
         values = [None] * self.size
         dist.all_gather_object(values, value)
         return values
+
+    def members(self) -> list[tuple[str, int]]:
+        """Every rank's (host, pid), in rank order: who to name when one of them dies (`lost_peer`)."""
+        return self.gather((socket.gethostname(), os.getpid()))
+
+    def lost_peer(self, error: BaseException, members: list[tuple[str, int]]) -> str | None:
+        """What happened when `error` is a collective failing because another process of the run died (which one,
+        where it ran on this machine), else None."""
+        said = PEER_LOST.search(str(error)) if self.launched and isinstance(error, RuntimeError) else None
+        if said is None:
+            return None
+        here = socket.gethostname()
+        peers = [(rank, pid) for rank, (host, pid) in enumerate(members) if rank != self.rank and host == here]
+        deadline = time.monotonic() + 2  # a peer that stopped on an error of its own may still be ending
+        while True:
+            gone = [f"rank {rank} (pid {pid})" for rank, pid in peers if not alive(pid)]
+            if gone or not peers or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if gone:
+            return (f"another process of this run died: {', '.join(gone)} on {here} ended (killed, e.g. by the "
+                    "out-of-memory killer, or failed: its own output says why)")
+        return (f"another process of this run died or closed its connection (none on {here} has ended, so one on "
+                f"another machine, or one that stopped on an error of its own: the other processes' output says "
+                f"which; the collective said \"{said[0]}\")")
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over the ranks, in place (on its own device: gloo on the CPU, NCCL on a GPU)."""

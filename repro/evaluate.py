@@ -16,7 +16,7 @@ from repro.errors import RunError
 from repro.io import write_json
 from repro.model import AlexNet
 from repro.progress import progress
-from repro.runtime import resolve_devices, use_devices
+from repro.runtime import resolve_devices, use_devices, worker_count
 from repro.store import PreparedStore, Split
 
 # The four numbers every run reports (§6: top-1 and top-5 error, the centre patch and the 10 patches), and labels.
@@ -95,6 +95,6 @@ def evaluate_checkpoint(cfg) -> dict:
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
                "options": model.options, "precision": speed.precision(cfg.speed)}
-    metrics.update(evaluate_views(model, augment, split, cfg.batch_size, cfg.workers, desc="eval"))
+    metrics.update(evaluate_views(model, augment, split, cfg.batch_size, worker_count(cfg.workers), desc="eval"))
     write_json(Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json", metrics)
     return metrics

@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from repro.errors import DiskFullError, FolderBusyError
+from repro.errors import DiskFullError, FolderBusyError, RunError
 
 LOCK = ".lock"  # the lock file of a locked folder (left in place: removing it would race with a new holder)
 _held: dict[str, int] = {}  # the folders this process has locked -> the lock file's descriptor
@@ -76,6 +76,15 @@ def atomic_write(path: Path, write, keep: Path | None = None) -> None:
             raise DiskFullError(f"disk full: {path} could not be written ({human(free_space(path.parent))} free "
                                 f"on its disk)") from None
         raise
+
+
+def make_folder(path: Path, key: str) -> None:
+    """Make the folder `path` that the setting `key` names (with its parents), or say in one line why not."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a file where a folder of the path should be
+        raise RunError(f"{key}={path}: cannot make this folder ({error.strerror}: {error.filename}); give another "
+                       f"{key}") from None
 
 
 def write_json(path: Path, value) -> None:

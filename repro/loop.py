@@ -6,7 +6,8 @@ takes exactly the steps an uninterrupted one would have. The host reads the devi
 
 A signal of `cfg.stop_signals` (Ctrl-C, SLURM's SIGTERM on preemption, submitit's SIGUSR2 before a time limit) stops
 the epochs cleanly: the current step (or the epoch's evaluation) finishes, `last.pt` is written, and `Stopped`
-leaves the loop; the entry point then hands the signal to the launcher's own handler (docs/ablations.md).
+leaves the loop; the entry point then hands the signal to the launcher's own handler (docs/ablations.md). During the
+final evaluation, when training is complete and saved, a signal stops at once: only the evaluation is lost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from repro import speed
 from repro.data import batches, step_rng
 from repro.errors import RunError
-from repro.evaluate import evaluate
+from repro.evaluate import evaluate, evaluate_views
 from repro.kernels import conv1_colour, conv1_grids
 from repro.progress import PROGRESS, Progress, duration
 from repro.run import Run
@@ -120,10 +121,12 @@ class Stopped(BaseException):
 
 
 class StopSignals:
-    """While installed, each of `names` (signal names, e.g. SIGTERM) only records that it came; `requested` says
-    when to stop. The handlers that were there before are put back by `restore`."""
+    """While installed (`install`, or as a context manager), each of `names` (signal names, e.g. SIGTERM) only
+    records that it came; `requested` says when to stop. The handlers that were there before are put back by
+    `restore`. While `at_once` holds words (a phase that has nothing to save: the words say what is kept), the first
+    signal stops at once instead: it logs "stopped by SIGNAL <at_once>" and raises Stopped where the process is."""
 
-    def __init__(self, names):
+    def __init__(self, names, at_once: str | None = None):
         self.signals = []
         for name in names:
             if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
@@ -132,6 +135,14 @@ class StopSignals:
             self.signals.append(signal.Signals[name])
         self.received: int | None = None
         self.previous: dict = {}
+        self.at_once = at_once
+
+    def __enter__(self) -> "StopSignals":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
@@ -144,6 +155,10 @@ class StopSignals:
 
     def catch(self, signum: int, frame) -> None:
         self.received = signum
+        if self.at_once is not None:
+            message, self.at_once = f"stopped by {signal.Signals(signum).name} {self.at_once}", None  # once
+            log.info(message)
+            raise Stopped(signum, message)
 
     def requested(self, world, at_window_end: bool) -> int | None:
         """The signal to stop on, if any. One process stops after any step; under torchrun the processes agree at
@@ -188,6 +203,21 @@ class Loop:
         log.info(message)
         raise Stopped(signum, message)
 
+    def final_evaluation(self) -> dict:
+        """The run's closing evaluation of the trained network (centre crop and 10 patches). A stop signal during it
+        stops at once: training is complete and saved, so nothing but the evaluation is lost, and the same command
+        (finding `last.pt` finished) runs it again."""
+        run = self.run
+        self.stop_if_requested(self.stop.requested(run.world, at_window_end=True))  # one that came since the epoch
+        self.stop.at_once = (f"during the final evaluation; nothing is lost: training is complete in "
+                             f"{run.checkpoints / 'last.pt'} (global step {run.global_step}) and the same command "
+                             "runs the evaluation again")
+        try:
+            return evaluate_views(run.model, run.augment, run.val_split, run.cfg.eval_batch_size, run.workers,
+                                  desc="final evaluation" if run.world.main else None, world=run.world)
+        finally:
+            self.stop.at_once = None
+
     def train_epoch(self) -> None:
         run, cfg = self.run, self.run.cfg
         run.schedule.apply(run.optimizer, run.epoch)
@@ -196,7 +226,7 @@ class Loop:
         run.net.train()
         shard = (run.world.rank, run.world.size)
         loader = batches(run.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=run.epoch, start_step=run.step,
-                         workers=cfg.data.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
+                         workers=run.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
         loader = speed.prefetch(loader, run.model.devices) if cfg.speed.prefetch else loader
         window = Window(run.devices[0], warm_up=True)
         with Progress(f"epoch {run.epoch}", run.steps_per_epoch, "step", initial=run.step, every=math.inf,
@@ -261,12 +291,12 @@ class Loop:
     def end_epoch(self) -> None:
         run, cfg = self.run, self.run.cfg
         desc = f"epoch {run.epoch} validation" if run.world.main else None
-        centre = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, False, cfg.data.workers,
+        centre = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, False, run.workers,
                           desc=desc, world=run.world)
         entry = {"epoch": run.epoch, **run.schedule.rates(run.epoch), "top1_err_1crop": centre["top1_err"],
                  "top5_err_1crop": centre["top5_err"]}
         if cfg.ten_crop_every and (run.epoch + 1) % cfg.ten_crop_every == 0:
-            ten = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, True, cfg.data.workers,
+            ten = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, True, run.workers,
                            desc=desc and f"{desc}, 10 patches", world=run.world)
             entry.update(top1_err_10crop=ten["top1_err"], top5_err_10crop=ten["top5_err"])
         for key, value in entry.items():

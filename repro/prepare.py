@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import signal
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -148,12 +149,27 @@ def start_split(out: Path, split: str, sources: list[Source]) -> None:
         atomic_write(folder / "progress.npy", lambda f: np.save(f, np.zeros(len(sources), np.uint8)))
 
 
+# The signals that stop a preparation (Ctrl-C, a scheduler's SIGTERM), which a terminal or a scheduler sends to every
+# process of the job: repro-prepare handles them (one line: what is kept); its workers leave them to it.
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _start_worker(initializer, initargs: tuple) -> None:
+    """A worker's set-up: the stop signals are the parent's to handle (it stops, and the pool lets each worker
+    finish its task; a worker would print a KeyboardInterrupt traceback of its own); then the caller's own."""
+    for name in STOP_SIGNALS:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def parallel(function, tasks, workers: int, initializer=None, initargs: tuple = ()):
     """`function` of every task in `workers` processes, yielding the results as they come. The tasks are taken
     from their iterable as the workers need them (two each in hand), so a task may carry data read just now. A
     worker's death (the kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor
     notices it and fails, where multiprocessing.Pool would wait forever for the dead worker's task."""
-    executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer, initargs)
+    executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
+                                   (initializer, initargs))
     tasks, pending = iter(tasks), set()
     try:
         while True:

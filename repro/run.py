@@ -4,6 +4,7 @@ the run folder's checkpoints. `repro.loop` runs its epochs, `repro.train` the wh
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,17 +13,44 @@ from omegaconf import DictConfig, OmegaConf
 
 from repro import speed
 from repro.checkpoint import check_classes, load_checkpoint, previous, save_checkpoint
-from repro.config import build_augment, build_model, validate
+from repro.config import AUGMENT_OPTIONS, build_augment, build_model, validate
 from repro.distributed import World
 from repro.errors import DiskFullError, RunError
 from repro.io import flatten
 from repro.optim import PaperSGD, Schedule, load_state, param_groups
-from repro.runtime import set_determinism, use_devices
+from repro.runtime import set_determinism, use_devices, worker_count
 from repro.store import PreparedStore
 
 log = logging.getLogger("repro")
-# Settings a resumed run must share with the checkpoint (anything else, e.g. the learning rate, may change).
-FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "seed")
+# Settings that define what a run measures: a resume that gives other values than its checkpoint's is refused. They
+# are the network (every model option, so three of the paper's ablations), the images and how they are seen (the
+# store, the batch, both subsets, every augmentation option: the colour-noise ablation), the update rule (momentum,
+# weight decay, which biases decay), the kind of schedule, the seed, the arithmetic (autocast, tf32) and
+# `deterministic`. Every other setting may change on resume (the rates and the schedule's numbers, as the paper
+# changed its rates by hand; workers, devices, the speed options that only reorder float32 sums, logging and
+# checkpointing): the change is logged at its step and kept in the run's record (`changes`, docs/training.md).
+FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "data.limit_val",
+                   *(f"data.{option}" for option in AUGMENT_OPTIONS), "optim.momentum", "optim.weight_decay",
+                   "optim.decay_biases", "schedule.kind", "seed", "deterministic", "speed.autocast", "speed.tf32")
+NOT_SETTINGS = ("run_dir",)  # where the run is, not how it runs
+
+
+def fixed_on_resume(key: str) -> bool:
+    """Whether the flattened setting `key` (e.g. "model.lrn") must keep its value when a run resumes."""
+    return any(key == fixed or key.startswith(f"{fixed}.") for fixed in FIXED_ON_RESUME)
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The flattened settings of the record `now` whose values differ from the checkpoint's record `saved`."""
+    saved, now = flatten(saved), flatten(now)
+    return [key for key in now if key not in NOT_SETTINGS and saved.get(key) != now[key]]
+
+
+def saved_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint a run resumes from in its folder `checkpoints`: last.pt, or last.prev.pt alone after a stop
+    between the two renames of a save; None for a new run."""
+    latest = checkpoints / "last.pt"
+    return next((path for path in (latest, previous(latest)) if path.is_file()), None)
 
 
 class Run:
@@ -40,6 +68,8 @@ class Run:
         self.devices = world.devices(cfg.devices, cfg.require_two_gpus)
         use_devices(self.devices)  # before any loader pins memory
         set_determinism(cfg.deterministic)
+        self.threads = torch.get_num_threads()  # CPU results depend on it (docs/reliability.md); a resume may pin it
+        self.workers = worker_count(cfg.data.workers, world.local_size)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)
         store = PreparedStore(cfg.data.store)
@@ -68,12 +98,12 @@ class Run:
         self.schedule = Schedule(lr=cfg.optim.lr, bias_lr=cfg.optim.bias_lr, **self.record["schedule"])
         self.epoch = self.step = self.global_step = 0
         self.history: list[dict] = []
-        latest = self.checkpoints / "last.pt"
-        if not latest.is_file() and previous(latest).is_file():
-            log.warning(f"{latest} is missing but {previous(latest)} is there (a stop between the two renames of a "
-                        "save): resuming from it")
-            latest = previous(latest)
-        self.resumed = latest.is_file()
+        self.changes: list[dict] = []  # the settings a resume changed, and from which step (`load`)
+        latest = saved_checkpoint(self.checkpoints)
+        if latest is not None and latest.name != "last.pt":
+            log.warning(f"{self.checkpoints / 'last.pt'} is missing but {latest} is there (a stop between the two "
+                        "renames of a save): resuming from it")
+        self.resumed = latest is not None
         if self.resumed:
             self.load(latest)
         starts = world.gather(self.global_step if self.resumed else None)
@@ -88,7 +118,8 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "schedule": self.schedule.state_dict(),
                 "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                "history": self.history, "config": self.record, "classes": self.classes}
+                "history": self.history, "changes": self.changes, "threads": self.threads, "config": self.record,
+                "classes": self.classes}
 
     def save(self, best: bool = False) -> None:
         """last.pt (keeping the one it replaces as last.prev.pt), and best.pt when `best`."""
@@ -110,11 +141,13 @@ class Run:
     def load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
         saved, now = flatten(checkpoint["config"]), flatten(self.record)
-        changed = [k for k in now if k.startswith(FIXED_ON_RESUME) and saved.get(k) != now[k]]
-        if changed:
-            raise RunError(f"{self.dir} holds a run with different settings ({', '.join(changed)}: "
-                           f"{[saved.get(k) for k in changed]} there, {[now[k] for k in changed]} now); "
-                           "resume with the same settings, or start a new run in another hydra.run.dir")
+        changed = changed_settings(saved, now)
+        fixed = [k for k in changed if fixed_on_resume(k)]
+        if fixed:
+            raise RunError(f"{self.dir} holds a run with different settings ({', '.join(fixed)}: "
+                           f"{[saved.get(k) for k in fixed]} there, {[now[k] for k in fixed]} now), which define "
+                           "what it measures; resume with the same settings, or start a new run in another "
+                           "hydra.run.dir")
         check_classes(checkpoint, path, self.classes, self.cfg.data.store)
         self.model.load_state_dict(checkpoint["model"])
         load_state(self.optimizer, checkpoint["optimizer"], self.model)
@@ -123,5 +156,17 @@ class Run:
         self.schedule.load_state_dict(checkpoint["schedule"])
         self.epoch, self.step, self.global_step = checkpoint["epoch"], checkpoint["step"], checkpoint["global_step"]
         self.history = checkpoint["history"]
+        self.changes = checkpoint.get("changes", [])
+        if changed:
+            self.changes.append({"epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+                                 "settings": {k: [saved.get(k), now[k]] for k in changed}})
+            log.info(f"settings changed from epoch {self.epoch} step {self.step} (global step {self.global_step}) on: "
+                     + ", ".join(f"{k} {json.dumps(saved.get(k))} -> {json.dumps(now[k])}" for k in changed))
+        threads = checkpoint.get("threads")
+        if self.cfg.deterministic and threads and threads != self.threads:
+            log.info(f"deterministic=true: {threads} CPU threads, as the run had so far (this process would have "
+                     f"{self.threads}; CPU results depend on the count)")
+            torch.set_num_threads(threads)
+            self.threads = threads
         # No generator state is restored (checkpoints before this version carry one, ignored): every draw of a step
         # is seeded by (seed, epoch, step), so a resumed run needs none, on any number of GPUs.

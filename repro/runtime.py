@@ -12,6 +12,11 @@ import torch
 import repro
 from repro.errors import RunError
 
+# Loader processes by default: what the ILSVRC-2012 recipe used (six, beside the training process; the SLURM launcher's
+# 8 CPUs are sized for them), fewer where the cores are fewer.
+DEFAULT_WORKERS = 6
+
+
 def resolve_devices(requested, require_two_gpus: bool) -> list[str]:
     """The two towers' devices: as requested, or what exists (two GPUs; one GPU for both towers; the CPU)."""
     gpus = torch.cuda.device_count()
@@ -43,6 +48,22 @@ def use_devices(devices) -> None:
     first = torch.device(devices[0])
     if first.type == "cuda":
         torch.cuda.set_device(first)
+
+
+def available_cores() -> int:
+    """the cores this process may use"""  # its CPU affinity: a SLURM job's, a container's or taskset's share
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def worker_count(requested: int | None, processes: int = 1) -> int:
+    """Loader processes: `requested`, or (None) DEFAULT_WORKERS where this process's share of the cores (among
+    `processes` on this machine) leaves one core for itself, fewer where it does not."""
+    if requested is not None:
+        return requested
+    return max(0, min(DEFAULT_WORKERS, available_cores() // processes - 1))
 
 
 def set_determinism(deterministic: bool) -> None:

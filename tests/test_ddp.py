@@ -274,3 +274,38 @@ def test_a_failure_to_join_names_the_network_interface(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", refused)
     with pytest.raises(RunError, match="connectFullMesh failed.*GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME"):
         World(rank=2, size=4, local_rank=0, local_size=2, launched=True).start(None, ["cpu", "cpu"])
+
+
+def rank_of(pid: int) -> int | None:
+    """The torchrun rank of process `pid` (its RANK environment variable), or None."""
+    try:
+        environment = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+    except OSError:
+        return None
+    return int(environment["RANK"]) if "RANK" in environment else None
+
+
+@pytest.mark.slow  # a two-process run until its first checkpoint: 8 s on the loaded 2-core machine
+def test_a_dead_peer_is_named_by_rank_0_which_says_the_same_command_resumes(demo_store, tmp_path):
+    run_dir = tmp_path / "run"
+    command = torchrun("experiment=tiny", "data.limit_train=16", "schedule.max_epochs=100", "checkpoint_every=1",
+                       "model.dropout=false", f"data.store={demo_store}", f"hydra.run.dir={run_dir}")
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        last, deadline = run_dir / "checkpoints" / "last.pt", time.time() + 600
+        while process.poll() is None and not last.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        (rank1,) = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and parent(int(pid)) == process.pid
+                    and rank_of(int(pid)) == 1]
+        os.kill(rank1, signal.SIGKILL)  # as the out-of-memory killer would
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    error = json.loads((run_dir / "failed.json").read_text())["error"]
+    assert error.startswith(f"another process of this run died: rank 1 (pid {rank1}) on ") and "by peer" not in error
+    assert re.search(r"; this process stopped too, and \S+last.pt \(step \d+\) is intact: run the same command "
+                     r"\(every process\) to resume$", error)
+    assert f"repro-train (rank 0): error: {error}" in stderr

@@ -3,8 +3,10 @@ worker, damaged raw archives, bad values and the wrong store, each reproduced an
 
 import dataclasses
 import errno
+import functools
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -13,14 +15,17 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tarfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,13 +33,17 @@ from devkit import write_devkit
 from helpers import command, tiny_cfg, train_config
 from repro import prepare as prepare_module
 from repro.checkpoint import check_classes, load_checkpoint, save_checkpoint
-from repro.cli import given_run_dir, prepare_main
-from repro.config import CONF_DIR, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
+from repro.cli import given_run_dir, prepare_main, resume_main
+from repro.config import AUGMENT_OPTIONS, CONF_DIR, SEED_LIMIT, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
+from repro.data import batches
 from repro.demo_data import DEVKIT_TAR, TRAIN_TAR, make_demo_data
+from repro.distributed import World
 from repro.errors import DiskFullError, FolderBusyError, PrepareError, RunError
 from repro.evaluate import evaluate_checkpoint
-from repro.io import atomic_write, locked, remove_temporaries, write_json
+from repro.io import atomic_write, flatten, locked, remove_temporaries, write_json
 from repro.prepare import IMAGE_BYTES, prepare, start_split
+from repro.reports.paper import comparison_table, standard_error, write_report
+from repro.runtime import worker_count
 from repro.store import PreparedStore
 from repro.train import train
 from test_prepare import jpeg_bytes, small_raw
@@ -498,6 +507,7 @@ def test_a_missing_devkit_is_named_as_such(small_demo, tmp_path):
     ("optim.momentum=1.5", "optim.momentum=1.5: must be below 1"),
     ("data.limit_train=-5", "data.limit_train=-5: must be at least 1"),
     ("seed=-1", "seed=-1: must be at least 0"),
+    (f"seed={2**70}", f"seed={2**70}: must be below {2**64}"),  # the campaign's: a traceback from torch.manual_seed
     ("data.workers=-1", "data.workers=-1: must be at least 0"),
     ("schedule.milestones=[24,-1]", r"schedule.milestones=\[24, -1\]: each value must be at least 0"),
 ])
@@ -513,7 +523,7 @@ def limited_fields(node: DictConfig, prefix: str = ""):
         if not OmegaConf.is_missing(node, spec.name) and isinstance(node[spec.name], DictConfig):
             yield from limited_fields(node[spec.name], f"{prefix}{spec.name}.")
         for rule, bound in spec.metadata.get("limits", {}).items():
-            yield f"{prefix}{spec.name}", str(spec.type), rule, bound
+            yield f"{prefix}{spec.name}", str(spec.type), rule, bound() if callable(bound) else bound
 
 
 SCHEMAS = {"train": TrainConfig, "eval": EvalConfig, **TOOL_CONFIGS}
@@ -585,3 +595,411 @@ def test_the_class_lists_are_compared_where_checkpoints_record_them():
         check_classes({"config": config, "classes": ["a", "b"]}, Path("c.pt"), ["b", "a"], Path("s"))
     with pytest.raises(RunError, match=r"\(2 classes, the store 3\)"):
         check_classes({"config": config}, Path("c.pt"), ["a", "b", "c"], Path("s"))
+
+
+# -- 8. a refused resume, a resume that changes the experiment, the thread count ----------------------------------
+
+
+def folder_state(folder: Path) -> dict:
+    """Every file and folder under `folder` but the lock file: its bytes (files) and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+def test_a_refused_resume_changes_nothing_and_the_run_resumes_after_it(tiny_run, demo_store, tmp_path):
+    """The campaign's: Hydra rewrote .hydra/ with the refused command line, so every later resume replayed it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    before = folder_state(run)
+    refused = subprocess.run(command("repro-train", "experiment=tiny", f"data.store={demo_store}", "data.limit_val=null",
+                                     f"hydra.run.dir={run}", "model.lrn=false"), capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"repro-train: error: {run} holds a run with different settings (model.lrn: [None] there, [False] now)")
+    assert folder_state(run) == before  # .hydra/, train.log, checkpoints: nothing written, nothing removed
+    assert resume_main([f"run_dir={run}"]) == 0  # repro-resume replays the run's own command, accepted
+
+
+def test_a_refused_resume_called_directly_leaves_the_folder_as_it_was(half_run, demo_store):
+    before = folder_state(half_run)
+    with pytest.raises(RunError, match=r"holds a run with different settings \(deterministic"):
+        train(tiny_cfg(demo_store, half_run, "deterministic=false"))
+    assert folder_state(half_run) == before  # no failed.json, no line in train.log
+
+
+class Killed(Exception):
+    """A stand-in for a SIGKILL right after a checkpoint."""
+
+
+@pytest.fixture(scope="module")
+def half_run(demo_store, tmp_path_factory) -> Path:
+    """An experiment=tiny run killed right after its checkpoint at global step 6 (epoch 1 step 2): resumed unchanged,
+    it ends with tiny_run's weights (tiny_run evaluates more images, which changes no weight). Tests that resume it
+    work on a copy."""
+    from repro.run import Run
+
+    run_dir, save = tmp_path_factory.mktemp("half_run"), Run.save
+
+    def save_then_die(run, best=False):
+        save(run, best)
+        if run.global_step == 6:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Run, "save", save_then_die)
+        with pytest.raises(Killed):
+            train(tiny_cfg(demo_store, run_dir))
+    (run_dir / "failed.json").unlink()
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def ablation_switches() -> list[tuple[str, str]]:
+    """(ablation=NAME, the setting it changes) for every ablation of conf/ablation/ but the baseline."""
+    switches = []
+    for path in sorted(Path(CONF_DIR, "ablation").glob("*.yaml")):
+        settings = yaml.safe_load(path.read_text()) or {}
+        if path.stem != "baseline":
+            (key,) = flatten(settings)  # one switch each
+            switches.append((f"ablation={path.stem}", key))
+    return switches
+
+
+# A changed value of every augmentation option (`Augment`'s keywords) and of the other settings that define a run
+AUGMENTATION_CHANGES = {"pca_lighting": "false", "pca_std": "0.2", "lighting_style": "cuda_convnet",
+                        "mean_crop": "aligned", "crop_chunk": "32"}
+FIXED_CHANGES = [*ablation_switches(), *((f"data.{k}={v}", f"data.{k}") for k, v in AUGMENTATION_CHANGES.items()),
+                 ("deterministic=false", "deterministic"), ("seed=1", "seed"), ("data.limit_val=4", "data.limit_val"),
+                 ("optim.momentum=0.8", "optim.momentum"), ("optim.weight_decay=0", "optim.weight_decay"),
+                 ("optim.decay_biases=false", "optim.decay_biases"), ("schedule.kind=plateau", "schedule.kind"),
+                 ("speed.autocast=bf16", "speed.autocast"), ("speed.tf32=true", "speed.tf32")]
+
+
+def test_every_augmentation_option_is_among_the_changes_tried():
+    assert set(AUGMENTATION_CHANGES) == set(AUGMENT_OPTIONS)
+    assert len(ablation_switches()) == 5
+
+
+@functools.cache
+def tiny_record(*overrides: str) -> dict:
+    """experiment=tiny's settings as a run records them."""
+    return OmegaConf.to_container(tiny_cfg("s", "r", *overrides), resolve=True, enum_to_str=True)
+
+
+@pytest.mark.parametrize("override, key", FIXED_CHANGES, ids=[o for o, _ in FIXED_CHANGES])
+def test_a_setting_that_defines_what_a_run_measures_is_fixed_on_resume(override, key):
+    from repro.run import changed_settings, fixed_on_resume
+
+    assert changed_settings(tiny_record(), tiny_record(override)) == [key] and fixed_on_resume(key)
+
+
+REFUSED = [*ablation_switches(), ("deterministic=false", "deterministic")]
+
+
+@pytest.mark.parametrize("override, key", REFUSED, ids=[o for o, _ in REFUSED])
+def test_a_resume_with_an_ablation_switch_or_another_determinism_is_refused(half_run, demo_store, override, key):
+    """The campaign's: resumed with ablation=no_pca, the run was recorded as a whole no_pca run."""
+    from repro.run import Run
+
+    with pytest.raises(RunError, match=rf"holds a run with different settings \({re.escape(key)}: .* which define "
+                                       "what it measures"):
+        Run(tiny_cfg(demo_store, half_run, override))
+
+
+def test_a_resume_may_change_the_rate_and_the_record_says_from_which_step(half_run, demo_store, tmp_path):
+    run = copy_of(half_run, tmp_path)
+    metrics = train(tiny_cfg(demo_store, run, "optim.lr=0.005", "log_every=1"))
+    change = {"epoch": 1, "step": 2, "global_step": 6, "settings": {"optim.lr": [0.01, 0.005], "log_every": [2, 1]}}
+    assert metrics["setting_changes"] == [change]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["changes"] == [change]
+    assert "settings changed from epoch 1 step 2 (global step 6) on: optim.lr 0.01 -> 0.005, log_every 2 -> 1" in \
+        (run / "train.log").read_text()
+    assert [entry["lr"] for entry in metrics["history"]] == [0.01, 0.0005]  # epoch 1: the new rate, /10
+    assert "From global step 6 (epoch 1 step 2): optim.lr 0.01 -> 0.005, log_every 2 -> 1." in write_report(run)
+
+
+def test_a_deterministic_resume_takes_the_thread_count_of_the_run(half_run, tiny_run, demo_store, tmp_path):
+    """CPU results depend on the thread count (conv1's weight gradient: oneDNN splits its sum over the threads), and
+    a process's count follows its CPU affinity or OMP_NUM_THREADS: a resume in another one changed the weights."""
+    run, threads = copy_of(half_run, tmp_path), torch.get_num_threads()
+    recorded = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["threads"]
+    torch.set_num_threads(recorded + 1)
+    try:
+        metrics = train(tiny_cfg(demo_store, run))
+        assert torch.get_num_threads() == recorded == metrics["threads"]
+    finally:
+        torch.set_num_threads(threads)
+    assert f"deterministic=true: {recorded} CPU threads, as the run had so far (this process would have " \
+           f"{recorded + 1}" in (run / "train.log").read_text()
+    resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(tiny_run[0] / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert metrics["setting_changes"] == []
+
+
+# -- 9. signals in the last phase ----------------------------------------------------------------------------------
+
+
+STOPS = [signal.SIGINT, signal.SIGTERM]
+
+
+class Unhandled(Exception):
+    """What a signal raises in this test process when training left no handler of its own in place."""
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_signal_during_the_final_evaluation_stops_at_once_and_loses_nothing(tiny_run, demo_store, tmp_path,
+                                                                             monkeypatch, sig):
+    from repro import evaluate as evaluate_module
+    from repro.loop import Stopped
+
+    run = copy_of(tiny_run[0], tmp_path)
+    (run / "metrics.json").unlink()  # trained, not yet evaluated: what a stop during the final evaluation leaves
+    real = evaluate_module.evaluate
+
+    def signalled(*args, **kwargs):
+        if args[4]:  # ten_crop: the 10-patch evaluation
+            os.kill(os.getpid(), sig)  # a real signal, while training's handlers are (or are not) in place
+        return real(*args, **kwargs)
+
+    def unhandled(signum, frame):
+        raise Unhandled(signal.Signals(signum).name)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", signalled)
+    previous = signal.signal(sig, unhandled)  # before the fix: SIGTERM killed the process, SIGINT a traceback
+    try:
+        with pytest.raises(Stopped) as stop:
+            train(tiny_cfg(demo_store, run, "data.limit_val=null"))
+        assert signal.getsignal(sig) is unhandled  # put back
+    finally:
+        signal.signal(sig, previous)
+    assert stop.value.hand_over() == 128 + sig
+    assert str(stop.value) == (f"stopped by {sig.name} during the final evaluation; nothing is lost: training is "
+                               f"complete in {run / 'checkpoints' / 'last.pt'} (global step 8) and the same command "
+                               "runs the evaluation again")
+    assert not (run / "metrics.json").exists() and not (run / "failed.json").exists()
+    monkeypatch.setattr(evaluate_module, "evaluate", real)
+    metrics = train(tiny_cfg(demo_store, run, "data.limit_val=null"))
+    finished = json.loads((tiny_run[0] / "metrics.json").read_text())
+    assert all(metrics[k] == finished[k] for k in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop",
+                                                   "top5_err_10crop", "history"))
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_signal_during_the_prepare_is_one_line_saying_nothing_is_lost(tmp_path, monkeypatch, caplog, sig):
+    from repro import cli
+
+    def prepare_signalled(raw, store, *args):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the conversion, which the signal interrupts
+        raise AssertionError("the signal did not stop the preparation")
+
+    monkeypatch.setattr(cli, "prepare", prepare_signalled)
+    previous = signal.signal(sig, signal.SIG_IGN)  # this test process's own, put back after the command
+    logging.getLogger("repro").addHandler(caplog.handler)  # the entry point's logger does not propagate
+    try:
+        assert prepare_main([f"raw={tmp_path}", f"store={tmp_path / 'store'}"]) == 128 + sig
+        assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        signal.signal(sig, previous)
+        logging.getLogger("repro").removeHandler(caplog.handler)
+    assert caplog.messages == [f"stopped by {sig.name} during the preparation; nothing is lost: the images converted "
+                               f"so far are kept in {tmp_path / 'store'} and the same command continues from them"]
+
+
+def test_the_prepares_workers_leave_the_stop_signals_to_it():
+    """A terminal's Ctrl-C reaches every process of the job: each worker printed a KeyboardInterrupt traceback."""
+    stops = [signal.Signals[name] for name in prepare_module.STOP_SIGNALS]
+    assert list(prepare_module.parallel(signal.getsignal, stops, 1)) == [signal.SIG_IGN] * len(stops)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_real_prepare_signalled_as_a_terminal_does_continues_when_run_again(tmp_path, sig):
+    raw, store = big_jpegs(tmp_path / "raw", 96), tmp_path / "store"
+    args = command("repro-prepare", f"raw={raw}", f"store={store}", "workers=1", "draft=false")
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: 32 <= rows_done(store) < 96, what="the first chunk")
+        os.killpg(process.pid, sig)  # the parent and its worker, as Ctrl-C or SLURM
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + sig and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"stopped by {sig.name} during the preparation; nothing is lost: the "
+                                               f"images converted so far are kept in {store} and the same command "
+                                               "continues from them")
+    assert rows_done(store) >= 32 and not (store / "manifest.json").exists()
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    assert json.loads((store / "manifest.json").read_text())["splits"]["train"]["count"] == 96
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: s.name)
+def test_a_real_training_process_signalled_during_its_final_evaluation(tiny_run, demo_store, tmp_path, sig):
+    run = copy_of(tiny_run[0], tmp_path)
+    (run / "metrics.json").unlink()
+    signal_at_ten_patches = (  # the signal comes from the process itself, at a known point of the evaluation
+        "import os, sys; import repro.evaluate as e; real = e.evaluate\n"
+        "def evaluate(*a, **k):\n"
+        f"    a[4] and os.kill(os.getpid(), {int(sig)})\n"
+        "    return real(*a, **k)\n"
+        "e.evaluate = evaluate; from repro.cli import train_main; train_main()")
+    args = ["experiment=tiny", f"data.store={demo_store}", "data.limit_val=null", f"hydra.run.dir={run}"]
+    result = subprocess.run(command("python", "-c", signal_at_ten_patches, *args), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 128 + sig and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"stopped by {sig.name} during the final evaluation; "
+                                                             "nothing is lost")
+    subprocess.run(command("repro-train", *args), check=True, capture_output=True, timeout=300)
+    finished = json.loads((tiny_run[0] / "metrics.json").read_text())
+    assert json.loads((run / "metrics.json").read_text())["top1_err_10crop"] == finished["top1_err_10crop"]
+
+
+# -- 10. values that crashed or overloaded the machine --------------------------------------------------------------
+
+
+def test_the_seed_bound_is_torchs():
+    torch.manual_seed(SEED_LIMIT - 1)
+    with pytest.raises(ValueError):
+        torch.manual_seed(SEED_LIMIT)
+    torch.manual_seed(0)
+    validate(train_config("data.store=x", f"seed={SEED_LIMIT - 1}"))
+
+
+def test_a_run_folder_inside_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    from repro.cli import train_main
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sys, "argv", ["repro-train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'file' / 'run'}"])
+    with pytest.raises(SystemExit) as stop:  # before: NotADirectoryError, with its traceback
+        train_main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (f"repro-train: error: hydra.run.dir={tmp_path / 'file' / 'run'}: cannot make "
+                                       f"this folder (Not a directory: {tmp_path / 'file' / 'run'}); give another "
+                                       "hydra.run.dir\n")
+    with pytest.raises(RunError, match=r"^run_dir=.*: cannot make this folder \(File exists: "):
+        train(tiny_cfg("nowhere", tmp_path / "file"))  # repro-resume's way in
+
+
+WORKER_SETTINGS = {"train": "data.workers", "eval": "workers", "figures": "workers", "preflight": "workers",
+                   "prepare": "workers"}
+
+
+def test_every_command_with_worker_processes_is_listed():
+    with_workers = {name for name, schema in SCHEMAS.items()
+                    if any(key.endswith("workers") for key, *_ in limited_fields(OmegaConf.structured(schema)))}
+    assert with_workers == set(WORKER_SETTINGS)
+
+
+@pytest.mark.parametrize("name", WORKER_SETTINGS)
+def test_worker_processes_are_bounded_by_the_cores_on_every_command(name, monkeypatch):
+    """The campaign's data.workers=1000 forked 1,000 loader processes (load 8 on two cores, 10 GB of memory)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    cfg, key = OmegaConf.structured(SCHEMAS[name]), WORKER_SETTINGS[name]
+    OmegaConf.update(cfg, key, 3)
+    validate(cfg)
+    OmegaConf.update(cfg, key, 1000)
+    with pytest.raises(RunError, match=rf"^{re.escape(key)}=1000: must be at most 3 \(the cores this process may "
+                                       r"use\)$"):
+        validate(cfg)
+
+
+def test_the_default_worker_count_follows_the_machine(demo_store, monkeypatch):
+    """The ILSVRC-2012 config's 6 loader processes made torch warn twice on the 2-core box."""
+    cfg = train_config("data.store=x")  # experiment=paper's data
+    split = PreparedStore(demo_store).split("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch: "This DataLoader will create 6 worker processes in total ..."
+        batches(split, 4, workers=worker_count(cfg.data.workers)).check_worker_number_rationality()
+    for cores, processes, workers in ((1, 1, 0), (2, 1, 1), (8, 1, 6), (64, 1, 6), (16, 4, 3)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+        assert worker_count(None, processes) == workers
+        assert worker_count(2, processes) == 2
+
+
+# -- 11. a dead DDP peer -------------------------------------------------------------------------------------------
+
+
+def gloo_peer_that_dies(port: int) -> None:
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=30))
+    group = dist.ProcessGroupGloo(store, 1, 2, timedelta(seconds=30))
+    group.allreduce([torch.ones(1)]).wait()
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+
+
+def gloo_error_after_a_peer_died() -> tuple[RuntimeError, int]:
+    """What gloo raises in rank 0 when rank 1 (a real process, forked) died after their first collective; its pid."""
+    import multiprocessing
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    peer = multiprocessing.get_context("fork").Process(target=gloo_peer_that_dies, args=(store.port,))
+    peer.start()
+    group = dist.ProcessGroupGloo(store, 0, 2, timedelta(seconds=30))
+    group.allreduce([torch.ones(1)]).wait()
+    peer.join(30)
+    with pytest.raises(RuntimeError) as error:
+        group.allreduce([torch.ones(1)]).wait()
+    return error.value, peer.pid
+
+
+def test_a_dead_peer_is_named_not_reported_as_a_connection_error(tmp_path):
+    error, pid = gloo_error_after_a_peer_died()
+    host, world = socket.gethostname(), World(rank=0, size=2, launched=True)
+    assert world.lost_peer(error, [(host, os.getpid()), (host, pid)]) == (
+        f"another process of this run died: rank 1 (pid {pid}) on {host} ended (killed, e.g. by the out-of-memory "
+        "killer, or failed: its own output says why)")
+    assert re.fullmatch(r"another process of this run died or closed its connection \(none on .* has ended, so one "
+                        r"on another machine, or one that stopped on an error of its own: the other processes' "
+                        r"output says which; the collective said \"Connection (closed|reset) by peer\"\)",
+                        world.lost_peer(error, [(host, os.getpid()), ("box2", 1)]))
+    assert world.lost_peer(RuntimeError("CUDA out of memory"), []) is None  # not a peer's death
+    assert World().lost_peer(error, []) is None  # one process has no peers
+
+
+def test_a_dead_peer_stops_training_with_a_line_saying_the_same_command_resumes(tmp_path, monkeypatch):
+    import types
+
+    from repro import train as train_module
+
+    error, pid = gloo_error_after_a_peer_died()
+
+    def epochs(run):
+        raise error
+
+    monkeypatch.setattr(train_module, "_epochs", epochs)
+    run = types.SimpleNamespace(world=World(rank=0, size=2, launched=True), checkpoints=tmp_path, last_saved_step=6)
+    with pytest.raises(RunError, match=rf"^another process of this run died: rank 1 \(pid {pid}\) .*; this process "
+                                       rf"stopped too, and {re.escape(str(tmp_path / 'last.pt'))} \(step 6\) is "
+                                       r"intact: run the same command \(every process\) to resume$"):
+        train_module._train(run, [(socket.gethostname(), os.getpid()), (socket.gethostname(), pid)])
+
+
+# -- 12. the report on a part of the validation set -----------------------------------------------------------------
+
+
+def test_the_report_on_a_part_of_the_validation_set_says_how_much_and_gives_each_difference_its_error():
+    """The campaign's miniature: 1,300 validation images, reported as ILSVRC-2012 without an error bar."""
+    metrics = {"top1_err_1crop": 47.0, "top5_err_1crop": 22.0, "top1_err_10crop": 45.0, "top5_err_10crop": 21.0}
+    table = comparison_table({**metrics, "val_images": 1300}, "ILSVRC-2012")
+    assert "| **this run** (ILSVRC-2012, 1,300 of the 50,000 validation images) |" in table
+    # sqrt(0.45 x 0.55 / 1300) x sqrt(48,700 / 49,999) = 1.36 points; 45.0 - 40.7 = +4.30
+    assert "| paper, Table 2, 1 CNN | – | – | 40.70 | 18.20 | top-1 10 patches +4.30 ± 1.36, top-5 10 patches " \
+           "+2.80 ± 1.11 |" in table
+    differences = [line.rsplit("|", 2)[1] for line in table.splitlines()[3:8]]
+    assert all(d.count("±") == d.count(",") + 1 for d in differences)  # every difference has its error
+    assert "evaluated on 1,300 of them, so each difference carries its binomial standard error" in table
+    whole = comparison_table({**metrics, "val_images": 50_000}, "ILSVRC-2012")
+    assert "(ILSVRC-2012, all 50,000 validation images)" in whole and "±" not in whole
+    assert standard_error(45.0, 50_000) == 0.0

@@ -338,3 +338,23 @@ def test_resume_command_composes_the_runs_own_overrides(tiny_run, capsys):
     assert "paper, Table 2, 1 CNN" in capsys.readouterr().out
     assert resume_main([f"run_dir={run_dir.parent}"]) == 2
     assert "is not a repro-train run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two runs of a minute on the loaded 2-core machine
+def test_a_run_resumed_in_a_process_with_another_thread_count_ends_with_the_uninterrupted_weights(
+        uninterrupted, demo_store, tmp_path):
+    """CPU results depend on the thread count (conv1's weight gradient), which a process takes from its CPU affinity
+    or OMP_NUM_THREADS: a deterministic run keeps the count it started with (docs/reliability.md)."""
+    args = repro_train(*INTERRUPTED, f"data.store={demo_store}", f"hydra.run.dir={tmp_path}")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while process.poll() is None and max(global_steps(tmp_path), default=0) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    threads = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["threads"]
+    if threads == 1:
+        pytest.skip("the run had one CPU thread, and OMP_NUM_THREADS gives no more than the cores")
+    subprocess.run(args, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert f"deterministic=true: {threads} CPU threads" in (tmp_path / "train.log").read_text()
+    assert_same_run(uninterrupted, tmp_path)

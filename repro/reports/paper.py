@@ -8,6 +8,7 @@ source gives no number.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from repro.errors import RunError
@@ -28,10 +29,21 @@ REFERENCES = [
 ]
 
 COMPARABLE = "ILSVRC-2012"  # the published rows are on its validation set
+VAL_IMAGES = 50_000  # ILSVRC-2012's validation images: every published row is measured on all of them
+
+
+def standard_error(error: float, images: int) -> float:
+    """The binomial standard error, in points, of an error rate `error` (percent) measured on `images` of the
+    VAL_IMAGES validation images taken at random, as an estimate of the rate on all of them (with the finite-population
+    correction: 0 on all 50,000). The published rates are exact on all of them, so it is also the standard error of
+    this run's difference from each."""
+    p = error / 100
+    return 100 * math.sqrt(p * (1 - p) / images * max(VAL_IMAGES - images, 0) / (VAL_IMAGES - 1))
 
 
 def cell(value: float | None, std: float | None = None, signed: bool = False) -> str:
-    """A table cell for an error rate in percent (or a difference, `signed`), with its std over seeds if given."""
+    """A table cell for an error rate in percent (or a difference, `signed`), with its uncertainty if given (a std
+    over seeds, a standard error)."""
     if value is None:
         return "–"
     text = f"{value:+.2f}" if signed else f"{value:.2f}"
@@ -40,16 +52,24 @@ def cell(value: float | None, std: float | None = None, signed: bool = False) ->
 
 def comparison_table(metrics: dict, dataset: str) -> str:
     """A Markdown table of this run beside the published numbers; with this run's difference from each only when
-    the run is on the same data (ILSVRC-2012)."""
+    the run is on the same data (ILSVRC-2012), each with its standard error when the run saw a part of the
+    validation set (`val_images` of the 50,000)."""
+    comparable, images = dataset == COMPARABLE, metrics.get("val_images")
+    partial = comparable and images is not None and images < VAL_IMAGES
 
     def difference(ref):
-        return ", ".join(f"{label} {cell(metrics[k] - ref[k], signed=True)}" for k, label in METRIC_LABELS.items()
+        return ", ".join(f"{label} {cell(metrics[k] - ref[k], error_bar(k), signed=True)}"
+                         for k, label in METRIC_LABELS.items()
                          if ref[k] is not None and metrics.get(k) is not None) or "–"
 
-    comparable = dataset == COMPARABLE
+    def error_bar(key):
+        return standard_error(metrics[key], images) if partial else None
+
+    seen = (f", {images:,} of the {VAL_IMAGES:,} validation images" if partial else
+            f", all {VAL_IMAGES:,} validation images" if comparable and images == VAL_IMAGES else "")
     header = "| | " + " | ".join(METRIC_LABELS.values()) + (" | this run minus it |" if comparable else " |")
     lines = [header, "|---" * (len(METRIC_LABELS) + 1 + comparable) + "|",
-             f"| **this run** ({dataset}) | " + " | ".join(cell(metrics.get(k)) for k in METRIC_LABELS)
+             f"| **this run** ({dataset}{seen}) | " + " | ".join(cell(metrics.get(k)) for k in METRIC_LABELS)
              + (" | |" if comparable else " |")]
     for ref in REFERENCES:
         lines.append(f"| {ref['name']} | " + " | ".join(cell(ref[k]) for k in METRIC_LABELS)
@@ -58,7 +78,21 @@ def comparison_table(metrics: dict, dataset: str) -> str:
     lines.append("Error rates in percent on the ILSVRC-2012 validation set (50,000 images) for the published rows. "
                  + ("" if comparable else f"This run used {dataset}, so its numbers are not comparable with them "
                                           "and no differences are shown."))
+    if partial:
+        lines[-1] += (f"This run was evaluated on {images:,} of them, so each difference carries its binomial standard "
+                      "error (± one, as if those images were drawn at random from the 50,000): a difference within "
+                      "two standard errors of zero can be chance.")
+    elif comparable and images is None:
+        lines[-1] += "The number of validation images this run was evaluated on is not recorded."
     return "\n".join(lines)
+
+
+def changes_note(metrics: dict) -> str:
+    """The settings a resume changed during the run, from which step (metrics.json's `setting_changes`)."""
+    return "".join(f"\nFrom global step {change['global_step']} (epoch {change['epoch']} step {change['step']}): "
+                   + ", ".join(f"{key} {json.dumps(before)} -> {json.dumps(after)}"
+                               for key, (before, after) in change["settings"].items()) + "."
+                   for change in metrics.get("setting_changes", []))
 
 
 def write_report(run_dir: Path) -> str:
@@ -68,8 +102,9 @@ def write_report(run_dir: Path) -> str:
         raise RunError(f"{metrics_path} does not exist: the run has not finished (resume it to finish it)")
     metrics = json.loads(metrics_path.read_text())
     table = comparison_table(metrics, metrics["dataset"])
+    changes = changes_note(metrics)
     text = (f"# {Path(run_dir).name}: {metrics['preset']} preset, epoch {metrics['epoch']}, step {metrics['step']}\n\n"
-            f"{table}\n")
+            f"{table}\n" + (f"\nSettings changed on resume:{changes}\n" if changes else ""))
     atomic_write(Path(run_dir) / "report.md", lambda f: f.write(text.encode()))
     return text
 
