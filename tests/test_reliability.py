@@ -794,7 +794,7 @@ def test_a_signal_during_the_final_evaluation_stops_at_once_and_loses_nothing(ti
 def test_a_signal_during_the_prepare_is_one_line_saying_nothing_is_lost(tmp_path, monkeypatch, caplog, sig):
     from repro import cli
 
-    def prepare_signalled(raw, store, *args):
+    def prepare_signalled(raw, store, *args, **kwargs):
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the conversion, which the signal interrupts
         raise AssertionError("the signal did not stop the preparation")
