@@ -31,7 +31,7 @@ from repro.io import locked
 from repro.launchers import own_gpu_pair, share_visible_gpus
 from repro.loop import Stopped
 from repro.preflight import preflight
-from repro.prepare import prepare
+from repro.prepare import convert, prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
 from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
@@ -198,7 +198,15 @@ def report_main(argv: list[str]) -> int:
 @entry_point("repro-prepare")
 def prepare_main(argv: list[str]) -> int:
     cfg = settings("repro-prepare", "prepare", argv)
-    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft)
+    prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft, record_format=cfg.format.name,
+            quality=cfg.quality)
+    return 0
+
+
+@entry_point("repro-convert")
+def convert_main(argv: list[str]) -> int:
+    cfg = settings("repro-convert", "convert", argv)
+    convert(Path(cfg.source), Path(cfg.store), cfg.format.name, cfg.quality, cfg.workers)
     return 0
 
 

@@ -29,6 +29,7 @@ from repro import data as data_lib
 from repro import model as model_lib
 from repro import optim as optim_lib
 from repro import speed as speed_lib
+from repro import store as store_lib
 from repro.errors import RunError
 
 # The Hydra configs live beside the package in the source tree (an editable install keeps them there).
@@ -98,6 +99,8 @@ ModelConfig.__doc__ = "The network: a preset and any of its options (repro/model
 
 LightingStyle = choices("LightingStyle", data_lib.LIGHTING_STYLES)
 MeanCrop = choices("MeanCrop", data_lib.MEAN_CROPS)
+Decoder = choices("Decoder", data_lib.DECODERS)
+RecordFormat = choices("RecordFormat", store_lib.RECORD_FORMATS)
 ScheduleKind = choices("ScheduleKind", optim_lib.SCHEDULE_KINDS)
 Autocast = choices("Autocast", [name for name in speed_lib.AUTOCAST_DTYPES if name])
 
@@ -109,6 +112,9 @@ class DataConfig:
     store: str = MISSING
     batch_size: int = limited(128, at_least=1)  # §5
     workers: int = limited(2, at_least=0)
+    # check every record read against its CRC-32 (bit rot stops the run, naming the row; docs/data.md has the cost)
+    verify: bool = True
+    decode: Decoder = Decoder.loader  # a JPEG store's records: in the loader's workers, or `gpu` (nvJPEG, devices[0])
     pca_lighting: bool = True  # §4.1
     pca_std: float = limited(0.1, at_least=0)
     lighting_style: LightingStyle = LightingStyle.paper
@@ -203,14 +209,30 @@ class EvalConfig:
 @dataclass
 class PrepareConfig:
     """Prepare ILSVRC-2012 once (§2): raw=<folder with the three archives, or train/ and val/ folders>
-    store=<folder for the prepared store, ~250 GB>; skip_bad=true leaves unreadable files out; workers: processes
-    (null: every core); draft=false decodes large JPEGs at full size."""
+    store=<folder for the prepared store, ~262 GB raw, ~40 GB jpeg>; format: raw (exact pixels) or jpeg (records of
+    `quality`, decoded by the loader); skip_bad=true leaves unreadable files out; workers: processes (null: every
+    core); draft=false decodes large JPEGs at full size."""
 
     raw: str = MISSING
     store: str = MISSING
+    format: RecordFormat = RecordFormat.raw
+    quality: int = limited(store_lib.JPEG_QUALITY, at_least=1, at_most=100)  # jpeg only
     skip_bad: bool = False
     workers: Optional[int] = limited(None, at_least=1)
     draft: bool = True
+
+
+@dataclass
+class ConvertConfig:
+    """A prepared store in another record format, without the original input: source=<a prepared store>
+    store=<folder for the new one> format=jpeg|raw quality=<JPEG quality>; workers: processes (null: every core).
+    Restartable like the preparation."""
+
+    source: str = MISSING
+    store: str = MISSING
+    format: RecordFormat = RecordFormat.jpeg
+    quality: int = limited(store_lib.JPEG_QUALITY, at_least=1, at_most=100)  # jpeg only
+    workers: Optional[int] = limited(None, at_least=1)
 
 
 @dataclass
@@ -294,7 +316,7 @@ class PreflightConfig:
     out: Optional[str] = None
 
 
-TOOL_CONFIGS = {"prepare": PrepareConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
+TOOL_CONFIGS = {"prepare": PrepareConfig, "convert": ConvertConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
                 "figures": FiguresConfig, "figure1": Figure1Config, "ablation_report": AblationReportConfig,
                 "preflight": PreflightConfig}
 

@@ -179,7 +179,8 @@ class Loop:
         run.net.train()
         shard = (run.world.rank, run.world.size)
         loader = batches(run.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=run.epoch, start_step=run.step,
-                         workers=cfg.data.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
+                         workers=cfg.data.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard,
+                         decode_on=run.decode_on)
         loader = speed.prefetch(loader, run.model.devices) if cfg.speed.prefetch else loader
         window = Window(run.devices[0])
         with Progress(f"epoch {run.epoch}", run.steps_per_epoch, "step", initial=run.step, every=math.inf,
@@ -243,12 +244,12 @@ class Loop:
         run, cfg = self.run, self.run.cfg
         desc = f"epoch {run.epoch} validation" if run.world.main else None
         centre = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, False, cfg.data.workers,
-                          desc=desc, world=run.world)
+                          desc=desc, world=run.world, decode_on=run.decode_on)
         entry = {"epoch": run.epoch, **run.schedule.rates(run.epoch), "top1_err_1crop": centre["top1_err"],
                  "top5_err_1crop": centre["top5_err"]}
         if cfg.ten_crop_every and (run.epoch + 1) % cfg.ten_crop_every == 0:
             ten = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, True, cfg.data.workers,
-                           desc=desc and f"{desc}, 10 patches", world=run.world)
+                           desc=desc and f"{desc}, 10 patches", world=run.world, decode_on=run.decode_on)
             entry.update(top1_err_10crop=ten["top1_err"], top5_err_10crop=ten["top5_err"])
         for key, value in entry.items():
             if key.startswith("top"):

@@ -25,6 +25,20 @@ log = logging.getLogger("repro")
 FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "seed")
 
 
+def decode_device(decode: str, store: PreparedStore, device: str) -> str | None:
+    """Where the loader's batches of `store` are decoded beyond its workers (`data.decode`): None, or with `gpu`
+    the first tower's GPU (nvJPEG)."""
+    if decode != "gpu":
+        return None
+    if store.record_format != "jpeg":
+        raise RunError(f"data.decode=gpu decodes JPEG records, but the store {store.root} holds "
+                       f"{store.record_format} records: leave data.decode=loader")
+    if not device.startswith("cuda"):
+        raise RunError(f"data.decode=gpu decodes with nvJPEG on the first tower's GPU, but it is on {device}: "
+                       "leave data.decode=loader")
+    return device
+
+
 class Run:
     """The state of one training run: what its steps change, and what its checkpoints hold."""
 
@@ -43,8 +57,8 @@ class Run:
         set_determinism(cfg.deterministic)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)
-        store = PreparedStore(cfg.data.store)
-        self.dataset, self.classes = store.description, store.classes
+        store = PreparedStore(cfg.data.store, verify=cfg.data.verify)
+        self.dataset, self.classes, self.records = store.description, store.classes, store.records_spec
         self.train_split = store.split("train").sample(cfg.data.limit_train, cfg.seed)
         self.val_split = store.split("val").sample(cfg.data.limit_val, cfg.seed)
         self.steps_per_epoch = len(self.train_split) // cfg.data.batch_size
@@ -56,6 +70,7 @@ class Run:
             raise RunError(f"model.num_classes={self.num_classes} but the store {store.root} has "
                            f"{len(store.classes)} classes; leave model.num_classes unset")
         self.record["model"]["num_classes"] = self.num_classes  # so the checkpoint rebuilds the same network
+        self.decode_on = decode_device(cfg.data.decode.name, store, self.devices[0])
         torch.manual_seed(cfg.seed)  # the initial weights (§5), drawn on the CPU: the same on any devices
         try:
             self.model = build_model(self.record["model"], self.devices)

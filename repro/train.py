@@ -115,12 +115,14 @@ def _train(cfg: DictConfig, world: World) -> dict:
         if metrics_path.is_file():  # finished before; nothing left to do
             return json.loads(metrics_path.read_text())
         metrics = evaluate_views(run.model, run.augment, run.val_split, cfg.eval_batch_size, cfg.data.workers,
-                                 desc="final evaluation" if world.main else None, world=world)
+                                 desc="final evaluation" if world.main else None, world=world,
+                                 decode_on=run.decode_on)
         for key in PAPER_METRICS:
             writer.add_scalar(f"val/{key}_final", metrics[key], run.global_step)
         metrics.update(
             epoch=run.epoch, step=run.global_step,
             val_complete=cfg.data.limit_val is None, train_images=len(run.train_split), dataset=run.dataset,
+            store_records=run.records,
             images_per_s=loop.images / loop.seconds if loop.seconds else None,
             preset=run.model.preset, model_options=run.model.options,
             data_options={"batch_size": cfg.data.batch_size, **augment_options(run.record["data"])},

@@ -35,7 +35,7 @@ from repro.errors import DiskFullError, FolderBusyError, PrepareError, RunError
 from repro.evaluate import evaluate_checkpoint
 from repro.io import atomic_write, locked, remove_temporaries, write_json
 from repro.prepare import IMAGE_BYTES, prepare, start_split
-from repro.store import PreparedStore
+from repro.store import PreparedStore, records_spec
 from repro.train import train
 from test_prepare import jpeg_bytes, small_raw
 
@@ -151,12 +151,15 @@ def test_prepare_refuses_a_store_its_disk_cannot_hold_before_any_work(demo_raw, 
     assert not (tmp_path / "store" / "train").exists()
 
 
-def test_a_split_reserves_its_arrays_blocks(demo_raw, tmp_path):
+@pytest.mark.parametrize("record_format, arrays", [("raw", {"images.npy": IMAGE_BYTES, "crc32.npy": 4}),
+                                                    ("jpeg", {"jpegs.npy": 16, "crc32.npy": 4})])
+def test_a_split_reserves_its_arrays_blocks(demo_raw, tmp_path, record_format, arrays):
     sources = prepare_module.plan(demo_raw, skip_bad=True)["splits"]["train"]["sources"]
-    start_split(tmp_path, "train", sources)
-    images = tmp_path / "train" / "images.npy"
-    assert images.stat().st_size > len(sources) * IMAGE_BYTES
-    assert images.stat().st_blocks * 512 >= images.stat().st_size  # allocated, not a sparse file
+    start_split(tmp_path, "train", sources, records_spec(record_format))
+    for name, row_bytes in arrays.items():
+        array = tmp_path / "train" / name
+        assert array.stat().st_size > len(sources) * row_bytes
+        assert array.stat().st_blocks * 512 >= array.stat().st_size, name  # allocated, not a sparse file
 
 
 def test_prepare_on_a_real_disk_too_small_is_refused(demo_raw, tmpfs):
