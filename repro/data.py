@@ -1,9 +1,10 @@
 """The loader and the paper's augmentation, done on the towers' devices as batched tensor ops.
 
 The loader ships uint8 256x256 images of a prepared store (`repro.store`: raw records, or JPEG records decoded in
-the worker processes, or on the first tower's GPU with nvJPEG), pinned, from worker processes; `Augment` turns them into the network's input on each tower's device: a random 224x224 crop and horizontal flip (§4.1), PCA
-colour noise (§4.1), minus the mean image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a batch is the same on
-any device and after any resume.
+the worker processes, or on the first tower's GPU with nvJPEG), pinned, from worker processes; `Augment` turns them
+into the network's input on each tower's device: a random 224x224 crop and horizontal flip (§4.1), PCA colour noise
+(§4.1), minus the mean image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a
+batch is the same on any device and after any resume.
 """
 
 from __future__ import annotations

@@ -179,8 +179,8 @@ def parallel(function, tasks: list, workers: int, initializer=None, initargs: tu
         executor.shutdown(cancel_futures=True)
 
 
-def convert_split(out: Path, split: str, sources: list[Source], workers: int, chunk: int, records: dict,
-                  work=_convert_rows, initializer=_open_worker, initargs: tuple = ()) -> dict[int, str]:
+def convert_split(out: Path, split: str, sources: list[Source], workers: int, chunk: int, records: dict, work,
+                  initializer, initargs: tuple) -> dict[int, str]:
     """Convert every row not yet done, with `workers` processes running `work` on chunks of (row, source) after
     `initializer(*initargs)`; returns {row: error} for the rows that failed."""
     status = np.load(out / split / "progress.npy", mmap_mode="r+")
@@ -195,9 +195,9 @@ def convert_split(out: Path, split: str, sources: list[Source], workers: int, ch
                 files.commit(results)  # before the rows are marked done
             except OSError as error:
                 if disk_full(error):
-                    raise PrepareError(f"disk full: {out / split} could not take more records ({human(free_space(out))} "
-                                       "free there); what is done is kept: free some space and run the same command "
-                                       "again") from None
+                    raise PrepareError(f"disk full: {out / split} could not take more records "
+                                       f"({human(free_space(out))} free there); what is done is kept: free some space "
+                                       "and run the same command again") from None
                 raise
             for row, error, _ in results:
                 status[row] = BAD if error else DONE
@@ -318,7 +318,8 @@ def finish(out: Path, manifest: dict, workers: int, t0: float) -> dict:
     for split, info in manifest["splits"].items():
         files = open_records(out / split, records)
         info.update(files.finish(np.load(out / split / "progress.npy") == DONE))
-        info["sha256"] = {name: sha256(out / split / name) for name in ("labels.npy", "sources.tsv", *files.checksummed)}
+        info["sha256"] = {name: sha256(out / split / name)
+                          for name in ("labels.npy", "sources.tsv", *files.checksummed)}
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     manifest["seconds"] = round(time.time() - t0, 1)
     write_json(out / "manifest.json", manifest)
@@ -380,6 +381,6 @@ def stored_sources(store: PreparedStore, split: str) -> list[Source]:
                            "the store is damaged; prepare it again")
     sources = []
     for line, label in zip(lines, labels.tolist()):
-        name, path, offset, size = line.split("\t")
+        name, path, offset, size = line.rsplit("\t", 3)  # a tab in a name or path: the same line again
         sources.append(Source(name, path, int(offset), int(size), label))
     return sources

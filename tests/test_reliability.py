@@ -28,7 +28,7 @@ from devkit import write_devkit
 from helpers import command, tiny_cfg, train_config
 from repro import prepare as prepare_module
 from repro.checkpoint import check_classes, load_checkpoint, save_checkpoint
-from repro.cli import given_run_dir, prepare_main
+from repro.cli import convert_main, given_run_dir, prepare_main
 from repro.config import CONF_DIR, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
 from repro.demo_data import DEVKIT_TAR, TRAIN_TAR, make_demo_data
 from repro.errors import DiskFullError, FolderBusyError, PrepareError, RunError
@@ -551,6 +551,11 @@ def test_every_experiment_passes_the_validation(experiment):
 def test_the_other_commands_validate_their_settings(capsys):
     assert prepare_main(["raw=x", "store=y", "workers=0"]) == 2
     assert capsys.readouterr().err.strip() == "repro-prepare: error: workers=0: must be at least 1"
+    assert prepare_main(["raw=x", "store=y", "format=jpeg", "quality=101"]) == 2
+    assert capsys.readouterr().err.strip() == "repro-prepare: error: quality=101: must be at most 100"
+    assert convert_main(["source=x", "store=y", "format=png"]) == 2
+    assert "repro-convert: error: Error merging override format=png; Invalid value 'png', expected one of [raw, jpeg]" \
+        in capsys.readouterr().err
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["checkpoint=nowhere.pt", "batch_size=0"])
     with pytest.raises(RunError, match="^batch_size=0: must be at least 1$"):  # before it looks for the file
