@@ -44,6 +44,7 @@ class Run:
 
     def __init__(self, cfg: DictConfig, world: World = World()):
         validate(cfg)
+        store = PreparedStore(cfg.data.store, verify=cfg.data.verify)  # checked before anything is made
         self.cfg, self.world = cfg, world
         self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.dir = Path(cfg.run_dir)
@@ -57,7 +58,6 @@ class Run:
         set_determinism(cfg.deterministic)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)
-        store = PreparedStore(cfg.data.store, verify=cfg.data.verify)
         self.dataset, self.classes, self.records = store.description, store.classes, store.records_spec
         self.train_split = store.split("train").sample(cfg.data.limit_train, cfg.seed)
         self.val_split = store.split("val").sample(cfg.data.limit_val, cfg.seed)

@@ -129,9 +129,8 @@ class Records:
 
     # -- checks at open: shapes, sizes and checksums of the files, nothing read row by row
 
-    def check_array(self, name: str, rows: int, shape: tuple, dtype) -> int:
-        """That `name` holds a C-order array of `rows` rows of `shape` and `dtype`, all its bytes present; its
-        data offset."""
+    def check_array(self, name: str, rows: int, shape: tuple, dtype) -> None:
+        """That `name` holds a C-order array of `rows` rows of `shape` and `dtype`, all its bytes present."""
         path = self.folder / name
         if not path.is_file():
             raise self.error(f"{name} is missing: {DAMAGED}")
@@ -153,7 +152,6 @@ class Records:
                              f"are missing: {DAMAGED}", (size - offset) // row_bytes)
         if size > needed:
             raise self.error(f"{name} is longer than its {rows:,} rows ({size:,} bytes, not {needed:,}): {DAMAGED}")
-        return offset
 
     def check_sha256(self, name: str, expected: str | None) -> None:
         if expected is not None and sha256(self.folder / name) != expected:

@@ -304,6 +304,15 @@ def test_unchecked_reads_let_bit_rot_through_but_never_a_record_that_does_not_de
         PreparedStore(store).split("train").records.read([20, 30])
 
 
+def test_a_run_refuses_a_damaged_store_before_it_makes_anything(demo_store, tmp_path):
+    store = copy_of(demo_store, tmp_path)
+    set_rows(10**12)(store)
+    with pytest.raises(StoreError, match=r"split train, row 48: the manifest counts 1,000,000,000,000 rows"):
+        train(tiny_cfg(store, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert "row 48" in json.loads((tmp_path / "run" / "failed.json").read_text())["error"]
+
+
 def test_a_damaged_record_stops_training_naming_it(demo_jpeg_store, tmp_path):
     """The quick sibling of the next test: the error a loader worker finds reaches train() as itself."""
     store = copy_of(demo_jpeg_store, tmp_path)
