@@ -7,10 +7,12 @@ TESTED := $(VENV)/.installed-test
 PYTEST_ARGS ?=
 
 .PHONY: help install test test-all train train-imagenet train-ddp eval resume report figures tb demo-data prepare-demo \
-        prepare-imagenet bench bench-data preflight figure1 clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
+        prepare-imagenet convert-store bench bench-data preflight figure1 clean ablate-lrn ablate-pool ablate-towers ablate-pca ablate-dropout ablations \
         ablation-report
 DEMO_RAW ?= data/demo/raw
-DEMO_STORE ?= data/demo/store
+# The demo store's records: raw (exact pixels) or jpeg (make train FORMAT=jpeg: its own store, data/demo/store-jpeg).
+FORMAT ?= raw
+DEMO_STORE ?= data/demo/store$(if $(filter-out raw,$(FORMAT)),-$(FORMAT))
 STORE ?= data/imagenet/store
 # Non-empty when STORE= was given (command line or environment), not the default above.
 STORE_GIVEN := $(filter-out file,$(origin STORE))
@@ -43,8 +45,8 @@ test: $(TESTED) ## the test suite without the slow tests (sets itself up first)
 test-all: $(TESTED) ## every test, the slow ones included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-train: prepare-demo ## the whole job on the demo data: generate, prepare, train, 10-patch eval, result table
-	$(BIN)/repro-train experiment=demo $(ARGS)
+train: prepare-demo ## the whole job on the demo data: generate, prepare, train, 10-patch eval, result table [FORMAT=jpeg]
+	$(BIN)/repro-train experiment=demo data.store=$(DEMO_STORE) $(ARGS)
 
 train-imagenet: $(INSTALLED) ## the paper on ILSVRC-2012: make train-imagenet RAW=/path/to/ilsvrc [STORE=...] [ARGS=...]
 	@test -n "$(RAW)" || { echo "usage: make train-imagenet RAW=<folder with ILSVRC-2012 in a layout docs/data.md lists> [STORE=$(STORE)]" >&2; exit 2; }
@@ -127,12 +129,16 @@ ablation-report: $(INSTALLED) ## summary.md/.json/.png of a sweep: make ablation
 demo-data: $(INSTALLED) ## write the synthetic demo set (ILSVRC-2012 layout) to data/demo/raw
 	$(BIN)/repro-demo-data raw=$(DEMO_RAW)
 
-prepare-demo: demo-data ## prepare the demo set into data/demo/store (its one truncated file is skipped on purpose)
-	$(BIN)/repro-prepare raw=$(DEMO_RAW) store=$(DEMO_STORE) skip_bad=true
+prepare-demo: demo-data ## prepare the demo set into data/demo/store (its one truncated file is skipped on purpose) [FORMAT=jpeg]
+	$(BIN)/repro-prepare raw=$(DEMO_RAW) store=$(DEMO_STORE) skip_bad=true format=$(FORMAT)
 
 prepare-imagenet: $(INSTALLED) ## prepare ILSVRC-2012 once: make prepare-imagenet RAW=/path/to/ilsvrc [STORE=/fast/disk/store]
 	@test -n "$(RAW)" || { echo "usage: make prepare-imagenet RAW=<folder with ILSVRC-2012 in a layout docs/data.md lists> [STORE=$(STORE)] [ARGS='source=... skip_bad=true']" >&2; exit 2; }
 	$(BIN)/repro-prepare raw=$(RAW) store=$(STORE) $(ARGS)
+
+convert-store: $(INSTALLED) ## a prepared store in another record format: make convert-store SOURCE=<store> STORE=<new folder> [FORMAT=jpeg] [ARGS=quality=90]
+	@test -n "$(SOURCE)" -a -n "$(STORE_GIVEN)" || { echo "usage: make convert-store SOURCE=<a prepared store> STORE=<folder for the new one> [FORMAT=jpeg|raw] [ARGS='quality=90 workers=8']" >&2; exit 2; }
+	$(BIN)/repro-convert source=$(SOURCE) store=$(STORE) $(if $(filter-out file,$(origin FORMAT)),format=$(FORMAT)) $(ARGS)
 
 preflight: $(INSTALLED) ## a new box's first command (numerics, placement, randomness, speed): make preflight [STORE=...] [ARGS=...]
 	$(BIN)/repro-preflight $(if $(or $(STORE_GIVEN),$(wildcard $(STORE)/manifest.json)),store=$(STORE)) $(ARGS)

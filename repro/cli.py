@@ -32,7 +32,7 @@ from repro.io import atomic_write, locked, make_folder
 from repro.launchers import own_gpu_pair, share_visible_gpus
 from repro.loop import StopSignals, Stopped
 from repro.preflight import preflight
-from repro.prepare import STOP_SIGNALS, prepare
+from repro.prepare import STOP_SIGNALS, convert, prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
 from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
@@ -225,7 +225,17 @@ def prepare_main(argv: list[str]) -> int:
             "same command continues from them")
     with StopSignals(STOP_SIGNALS, at_once=kept):  # Ctrl-C or a scheduler's SIGTERM: one line, no traceback
         prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers or available_cores(), cfg.draft,
-                source=cfg.source.name if cfg.source else None)
+                source=cfg.source.name if cfg.source else None, record_format=cfg.format.name, quality=cfg.quality)
+    return 0
+
+
+@entry_point("repro-convert")
+def convert_main(argv: list[str]) -> int:
+    cfg = settings("repro-convert", "convert", argv)
+    kept = (f"during the conversion; nothing is lost: the records converted so far are kept in {cfg.store} and the "
+            "same command continues from them")
+    with StopSignals(STOP_SIGNALS, at_once=kept):
+        convert(Path(cfg.source), Path(cfg.store), cfg.format.name, cfg.quality, cfg.workers or available_cores())
     return 0
 
 

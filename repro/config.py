@@ -30,6 +30,7 @@ from repro import model as model_lib
 from repro import optim as optim_lib
 from repro import sources as sources_lib
 from repro import speed as speed_lib
+from repro import store as store_lib
 from repro.errors import RunError
 from repro.runtime import available_cores
 
@@ -106,6 +107,8 @@ ModelConfig.__doc__ = "The network: a preset and any of its options (repro/model
 
 LightingStyle = choices("LightingStyle", data_lib.LIGHTING_STYLES)
 MeanCrop = choices("MeanCrop", data_lib.MEAN_CROPS)
+Decoder = choices("Decoder", data_lib.DECODERS)
+RecordFormat = choices("RecordFormat", store_lib.RECORD_FORMATS)
 ScheduleKind = choices("ScheduleKind", optim_lib.SCHEDULE_KINDS)
 Autocast = choices("Autocast", [name for name in speed_lib.AUTOCAST_DTYPES if name])
 
@@ -118,6 +121,9 @@ class DataConfig:
     batch_size: int = limited(128, at_least=1)  # §5
     # loader processes; null: up to runtime.DEFAULT_WORKERS, leaving a core for the training process
     workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)
+    # check every record read against its CRC-32 (bit rot stops the run, naming the row; docs/data.md has the cost)
+    verify: bool = True
+    decode: Decoder = Decoder.loader  # a JPEG store's records: in the loader's workers, or `gpu` (nvJPEG, devices[0])
     pca_lighting: bool = True  # §4.1
     pca_std: float = limited(0.1, at_least=0)
     lighting_style: LightingStyle = LightingStyle.paper
@@ -216,16 +222,31 @@ Layout = choices("Layout", sources_lib.LAYOUTS)
 class PrepareConfig:
     """Prepare ILSVRC-2012 once (§2): raw=<folder with ILSVRC-2012 in any layout docs/data.md lists: image-net.org's
     archives or extracted folders, Kaggle's, Hugging Face's tar.gz or parquet shards, timm's WebDataset shards>
-    store=<folder for the prepared store, ~250 GB>; source: the layout (null: the one raw holds); skip_bad=true
-    leaves unreadable files out; workers: processes (null: every core); draft=false decodes large JPEGs at full
-    size."""
+    store=<folder for the prepared store, ~262 GB raw, ~40 GB jpeg>; source: the layout (null: the one raw holds);
+    format: raw (exact pixels) or jpeg (records of `quality`, decoded by the loader); skip_bad=true leaves unreadable
+    files out; workers: processes (null: every core); draft=false decodes large JPEGs at full size."""
 
     raw: str = MISSING
     store: str = MISSING
     source: Optional[Layout] = None
+    format: RecordFormat = RecordFormat.raw
+    quality: int = limited(store_lib.JPEG_QUALITY, at_least=1, at_most=100)  # jpeg only
     skip_bad: bool = False
     workers: Optional[int] = limited(None, at_least=1, at_most=available_cores)
     draft: bool = True
+
+
+@dataclass
+class ConvertConfig:
+    """A prepared store in another record format, without the original input: source=<a prepared store>
+    store=<folder for the new one> format=jpeg|raw quality=<JPEG quality>; workers: processes (null: every core).
+    Restartable like the preparation."""
+
+    source: str = MISSING
+    store: str = MISSING
+    format: RecordFormat = RecordFormat.jpeg
+    quality: int = limited(store_lib.JPEG_QUALITY, at_least=1, at_most=100)  # jpeg only
+    workers: Optional[int] = limited(None, at_least=1, at_most=available_cores)
 
 
 @dataclass
@@ -309,7 +330,7 @@ class PreflightConfig:
     out: Optional[str] = None
 
 
-TOOL_CONFIGS = {"prepare": PrepareConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
+TOOL_CONFIGS = {"prepare": PrepareConfig, "convert": ConvertConfig, "demo_data": DemoDataConfig, "report": ReportConfig,
                 "figures": FiguresConfig, "figure1": Figure1Config, "ablation_report": AblationReportConfig,
                 "preflight": PreflightConfig}
 

@@ -1,9 +1,10 @@
 """The loader and the paper's augmentation, done on the towers' devices as batched tensor ops.
 
-The loader ships uint8 256x256 images of a prepared store (`repro.store`), pinned, from worker processes; `Augment`
-turns them into the network's input on each tower's device: a random 224x224 crop and horizontal flip (§4.1), PCA
-colour noise (§4.1), minus the mean image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a batch is the same on
-any device and after any resume.
+The loader ships uint8 256x256 images of a prepared store (`repro.store`: raw records, or JPEG records decoded in
+the worker processes, or on the first tower's GPU with nvJPEG), pinned, from worker processes; `Augment` turns them
+into the network's input on each tower's device: a random 224x224 crop and horizontal flip (§4.1), PCA colour noise
+(§4.1), minus the mean image (§2). Every random draw comes from a CPU generator seeded by (seed, epoch, step), so a
+batch is the same on any device and after any resume.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repro.errors import StoreError
 from repro.store import SIZE, Split
 
 CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
@@ -23,6 +25,7 @@ BORDER = SIZE - CROP  # offsets 0..32 in each axis (the 2012 code's 33 positions
 LIGHTING_STYLES = ("paper", "cuda_convnet")
 MEAN_CROPS = ("center", "aligned")
 CROP_CHUNKS = (1, 32)  # 32: the 2012 code shared one crop offset and flip among each 32 consecutive images
+DECODERS = ("loader", "gpu")  # where a JPEG store's records are decoded (`data.decode`): the loader's workers, nvJPEG
 
 
 def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -33,30 +36,49 @@ def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 class EpochBatches(Dataset):
-    """Batch k of one epoch's sample order, read from the memory-mapped store (item k = one whole batch, or with
-    `shard=(index, parts)` slice `index` of `parts` of it: one rank's share of a global batch)."""
+    """Batch k of one epoch's sample order, read from the store's records (item k = one whole batch, or with
+    `shard=(index, parts)` slice `index` of `parts` of it: one rank's share of a global batch): uint8 images, or
+    with `encoded` the JPEG records themselves (`JpegRecords.encoded`), to be decoded on a GPU. A damaged record
+    is returned as its StoreError, which `Batches` raises: torch would re-raise it wrapped in the worker's
+    traceback."""
 
     def __init__(self, split: Split, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool,
-                 shard: tuple[int, int] = (0, 1)):
-        self.images_path, self.labels, self.batch_size = split.images_path, split.labels, batch_size
-        self.shard = shard
+                 shard: tuple[int, int] = (0, 1), encoded: bool = False):
+        self.records, self.labels, self.batch_size = split.records, split.labels, batch_size
+        self.shard, self.encoded = shard, encoded
         self.order = split.rows[epoch_order(len(split), seed, epoch, shuffle)]
         full, rest = divmod(len(self.order), batch_size)
         self.num_batches = full if drop_last or rest == 0 else full + 1
-        self.images = None  # opened in each worker process, not pickled
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.images is None:
-            self.images = np.load(self.images_path, mmap_mode="r")
+    def __getitem__(self, k: int):
         index, parts = self.shard
         rows = np.array_split(self.order[k * self.batch_size:(k + 1) * self.batch_size], parts)[index]
-        by_position = np.argsort(rows)  # read the file front to back, then put the batch back in order
-        batch = np.empty((len(rows), *self.images.shape[1:]), np.uint8)
-        batch[by_position] = self.images[rows[by_position]]
-        return torch.from_numpy(batch), torch.from_numpy(self.labels[rows])
+        try:
+            images = self.records.encoded(rows) if self.encoded else torch.from_numpy(self.records.read(rows))
+        except StoreError as error:
+            return error
+        return images, torch.from_numpy(self.labels[rows])
+
+
+class Batches:
+    """What `batches` returns: the loader's batches, its damaged records raised as StoreErrors (one line naming
+    the store, split and row), and with `decode_on` (a CUDA device) its JPEG records decoded there as a batch."""
+
+    def __init__(self, loader: DataLoader, split: Split, decode_on: torch.device | None):
+        self.loader, self.records, self.decode_on = loader, split.records, decode_on
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for item in self.loader:
+            if isinstance(item, StoreError):
+                raise item
+            images, labels = item
+            yield (self.records.decode(*images, device=self.decode_on) if self.decode_on else images), labels
 
 
 # The signals a terminal (Ctrl-C, a closed window) or SLURM (SIGTERM, --signal) sends to every process of a job.
@@ -75,16 +97,22 @@ def ignore_signals(worker_id: int) -> None:
 
 def batches(split: Split, batch_size: int, seed: int = 0, epoch: int = 0, start_step: int = 0,
             shuffle: bool = True, drop_last: bool = True, workers: int = 2, pin_memory: bool = False,
-            prefetch: int = 4, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+            prefetch: int = 4, shard: tuple[int, int] = (0, 1), decode_on: str | torch.device | None = None) -> Batches:
     """uint8 batches [B, 256, 256, 3] and int64 labels of epoch `epoch`, starting at batch `start_step` (a resumed
     run gets exactly the batches an uninterrupted one would have got from that step on). Worker processes read
-    ahead `prefetch` batches each, so loading overlaps with compute. With `shard=(rank, ranks)` each batch is
-    that rank's slice of the global batch of `batch_size`: every rank draws the same epoch order, so the ranks'
-    slices of step s together are exactly the one-process batch of step s."""
-    dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last, shard)
-    return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)), num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
-                      worker_init_fn=ignore_signals)
+    (and decode) ahead `prefetch` batches each, so loading overlaps with compute. With `shard=(rank, ranks)` each
+    batch is that rank's slice of the global batch of `batch_size`: every rank draws the same epoch order, so the
+    ranks' slices of step s together are exactly the one-process batch of step s. `decode_on`: a device on which
+    to decode a JPEG store's records (nvJPEG on a GPU; `data.decode`), the workers only reading them; None
+    decodes them in the workers."""
+    decode_on = torch.device(decode_on) if decode_on is not None else None
+    if decode_on is not None and split.records.spec["format"] != "jpeg":
+        raise ValueError("decode_on needs a store of JPEG records")
+    dataset = EpochBatches(split, batch_size, seed, epoch, shuffle, drop_last, shard, encoded=decode_on is not None)
+    loader = DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)), num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
+                        worker_init_fn=ignore_signals)
+    return Batches(loader, split, decode_on)
 
 
 def step_rng(seed: int, epoch: int, step: int, stream: int = 1) -> np.random.Generator:

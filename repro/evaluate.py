@@ -27,18 +27,18 @@ PAPER_METRICS = tuple(METRIC_LABELS)
 
 @torch.no_grad()
 def evaluate(model, augment: Augment, split: Split, images_per_batch: int, ten_crop: bool, workers: int = 0,
-             desc: str | None = None, world: World = World()) -> dict:
+             desc: str | None = None, world: World = World(), decode_on: str | None = None) -> dict:
     """Error rates in percent over every usable image of `split`, `images_per_batch` images at a time (x10 views
     with `ten_crop`). With `ten_crop`, the softmax outputs of the four corner patches, the centre patch and their
     reflections are averaged (§4.1); else the centre patch alone. The model is left in eval mode (dropout's outputs
     x0.5, §4.2). The counts stay on the device until the end (no host sync per batch). Under torchrun each rank
     evaluates its share of the images and the counts are summed, so every rank gets the same numbers (and the same
-    schedule)."""
+    schedule). `decode_on`: as for `batches` (training's `data.decode`)."""
     model.eval()
     views = 10 if ten_crop else 1
     wrong, count = torch.zeros(2, dtype=torch.int64, device=augment.device), 0  # wrong at top-1 and top-5
     loader = batches(split.part(world.rank, world.size), images_per_batch, shuffle=False, drop_last=False,
-                     workers=workers, pin_memory=augment.device.type == "cuda")
+                     workers=workers, pin_memory=augment.device.type == "cuda", decode_on=decode_on)
     for images, labels in progress(loader, desc, len(loader), "batch"):
         logits = model(augment.test_views(images, ten_crop))
         probs = logits.float().softmax(dim=-1).view(len(images), views, -1).mean(dim=1)
@@ -51,13 +51,13 @@ def evaluate(model, augment: Augment, split: Split, images_per_batch: int, ten_c
 
 
 def evaluate_views(model, augment: Augment, split: Split, images_per_batch: int, workers: int = 0,
-                   desc: str | None = None, world: World = World()) -> dict:
+                   desc: str | None = None, world: World = World(), decode_on: str | None = None) -> dict:
     """`top1_err_1crop`, `top5_err_1crop`, `top1_err_10crop`, `top5_err_10crop` and `val_images`: the metrics the
     paper reports (§6), over the whole split."""
     metrics = {}
     for ten_crop, suffix in ((False, "1crop"), (True, "10crop")):
         result = evaluate(model, augment, split, images_per_batch, ten_crop, workers,
-                          desc=f"{desc} {suffix}" if desc else None, world=world)
+                          desc=f"{desc} {suffix}" if desc else None, world=world, decode_on=decode_on)
         metrics.update({f"top1_err_{suffix}": result["top1_err"], f"top5_err_{suffix}": result["top5_err"],
                         "val_images": result["images"]})
     return metrics

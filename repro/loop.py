@@ -214,7 +214,8 @@ class Loop:
                              "runs the evaluation again")
         try:
             return evaluate_views(run.model, run.augment, run.val_split, run.cfg.eval_batch_size, run.workers,
-                                  desc="final evaluation" if run.world.main else None, world=run.world)
+                                  desc="final evaluation" if run.world.main else None, world=run.world,
+                                  decode_on=run.decode_on)
         finally:
             self.stop.at_once = None
 
@@ -226,7 +227,8 @@ class Loop:
         run.net.train()
         shard = (run.world.rank, run.world.size)
         loader = batches(run.train_split, cfg.data.batch_size, seed=cfg.seed, epoch=run.epoch, start_step=run.step,
-                         workers=run.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard)
+                         workers=run.workers, pin_memory=run.devices[0].startswith("cuda"), shard=shard,
+                         decode_on=run.decode_on)
         loader = speed.prefetch(loader, run.model.devices) if cfg.speed.prefetch else loader
         window = Window(run.devices[0], warm_up=True)
         with Progress(f"epoch {run.epoch}", run.steps_per_epoch, "step", initial=run.step, every=math.inf,
@@ -292,12 +294,12 @@ class Loop:
         run, cfg = self.run, self.run.cfg
         desc = f"epoch {run.epoch} validation" if run.world.main else None
         centre = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, False, run.workers,
-                          desc=desc, world=run.world)
+                          desc=desc, world=run.world, decode_on=run.decode_on)
         entry = {"epoch": run.epoch, **run.schedule.rates(run.epoch), "top1_err_1crop": centre["top1_err"],
                  "top5_err_1crop": centre["top5_err"]}
         if cfg.ten_crop_every and (run.epoch + 1) % cfg.ten_crop_every == 0:
             ten = evaluate(run.model, run.augment, run.val_split, cfg.eval_batch_size, True, run.workers,
-                           desc=desc and f"{desc}, 10 patches", world=run.world)
+                           desc=desc and f"{desc}, 10 patches", world=run.world, decode_on=run.decode_on)
             entry.update(top1_err_10crop=ten["top1_err"], top5_err_10crop=ten["top5_err"])
         for key, value in entry.items():
             if key.startswith("top"):

@@ -64,7 +64,7 @@ from repro.errors import RunError
 from repro.loop import seed_dropout
 from repro.measure import (EPOCHS, IMAGENET_TRAIN, CrossDeviceCopies, HostSyncs, TrainingStep, build, copy_work,
                            distinct, exchange_copies, exchange_rounds, forward_backward, gpu_peak_memory, median_ms,
-                           mirrored, per_tower, tower_alone, training_flops_per_image)
+                           mirrored, per_tower, sync, tower_alone, training_flops_per_image)
 from repro.model import AlexNet
 from repro.prepare import prepare
 from repro.progress import ConsoleFilter, duration, number
@@ -774,21 +774,37 @@ def check_speed_exchange(box: Box) -> Result:
                   f"{ms:.2f} ms ({size / ms / 1e6:.1f} GB/s)", **copies)
 
 
-def store_read_rate(box: Box) -> float:
-    """Images/s the prepared store `box.store` delivers through the loader, measured once per preflight."""
+def store_read_rates(box: Box) -> dict[str, float]:
+    """Images/s the prepared store `box.store` delivers through the loader, measured once per preflight, by where
+    its records are decoded (`data.decode`): `loader` (raw records, or JPEG decoded in the workers) and, for a
+    JPEG store on GPUs, `gpu` (nvJPEG on the first tower's GPU)."""
 
-    def make() -> float:
+    def make() -> dict[str, float]:
         split = PreparedStore(box.store).split("train")
-        loader = iter(batches(split, box.batch, seed=SEED, workers=box.workers, pin_memory=bool(box.gpus)))
-        next(loader)  # the workers' start-up
-        images, start = 0, time.perf_counter()
-        for images_batch, _ in loader:
-            images += len(images_batch)
-            if time.perf_counter() - start > READ_SECONDS or images >= READ_BATCHES * box.batch:
-                break
-        return images / (time.perf_counter() - start)
+        decoders = {"loader": None}
+        if split.records.spec["format"] == "jpeg" and box.gpus:
+            decoders["gpu"] = box.devices[0]
+        return {name: read_rate(split, box, device) for name, device in decoders.items()}
 
-    return box.cached("store_rate", make)
+    return box.cached("store_rates", make)
+
+
+def read_rate(split, box: Box, decode_on: torch.device | None) -> float:
+    loader = iter(batches(split, box.batch, seed=SEED, workers=box.workers, pin_memory=bool(box.gpus),
+                          decode_on=decode_on))
+    next(loader)  # the workers' start-up
+    images, start = 0, time.perf_counter()
+    for images_batch, _ in loader:
+        images += len(images_batch)
+        if time.perf_counter() - start > READ_SECONDS or images >= READ_BATCHES * box.batch:
+            break
+    sync(box.gpus)  # the last batch decoded on a GPU
+    return images / (time.perf_counter() - start)
+
+
+def store_read_rate(box: Box) -> float:
+    """The store's read rate with its faster decoder (`store_read_rates`)."""
+    return max(store_read_rates(box).values())
 
 
 def step_rates(box: Box) -> tuple[dict[str, float], list[str]]:
@@ -802,12 +818,19 @@ def step_rates(box: Box) -> tuple[dict[str, float], list[str]]:
 def check_speed_store(box: Box) -> Result:
     if box.store is None:
         return skipped("no prepared store given (make preflight STORE=..., or store=...)")
-    rate = store_read_rate(box)
+    rates, rate = store_read_rates(box), store_read_rate(box)
     rows, reported = step_rates(box)
-    parts = [f"{box.store} reads {number(rate)} images/s (workers={box.workers}, batch {box.batch})"]
+    records = PreparedStore(box.store).records_spec
+    held = "raw records" if records["format"] == "raw" else f"JPEG records of quality {records['quality']}"
+    decoded = {"loader": "decoded in the loader" if records["format"] == "jpeg" else "",
+               "gpu": f"with data.decode=gpu (nvJPEG on {box.devices[0]})"}
+    parts = [f"{box.store} ({held}) reads " + ", ".join(f"{number(r)} images/s {decoded[name]}".rstrip()
+                                                        for name, r in rates.items())
+             + f" (workers={box.workers}, batch {box.batch})"]
     parts += [f"the {label} step consumes {number(rows[label])} ({number(rate / rows[label])}x"
               f"{', input-bound' if rate < rows[label] else ''})" for label in reported]
-    return passed("; ".join(parts), images_per_s=rate, workers=box.workers, consumption=rows)
+    return passed("; ".join(parts), images_per_s=rate, by_decoder=rates, records=records, workers=box.workers,
+                  consumption=rows)
 
 
 def check_speed_projection(box: Box) -> Result:

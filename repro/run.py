@@ -24,14 +24,16 @@ from repro.store import PreparedStore
 log = logging.getLogger("repro")
 # Settings that define what a run measures: a resume that gives other values than its checkpoint's is refused. They
 # are the network (every model option, so three of the paper's ablations), the images and how they are seen (the
-# store, the batch, both subsets, every augmentation option: the colour-noise ablation), the update rule (momentum,
+# store, the batch, both subsets, every augmentation option: the colour-noise ablation, and where JPEG records are
+# decoded: libjpeg and nvJPEG may round a pixel differently), the update rule (momentum,
 # weight decay, which biases decay), the kind of schedule, the seed, the arithmetic (autocast, tf32) and
 # `deterministic`. Every other setting may change on resume (the rates and the schedule's numbers, as the paper
 # changed its rates by hand; workers, devices, the speed options that only reorder float32 sums, logging and
 # checkpointing): the change is logged at its step and kept in the run's record (`changes`, docs/training.md).
 FIXED_ON_RESUME = ("model", "data.store", "data.batch_size", "data.limit_train", "data.limit_val",
-                   *(f"data.{option}" for option in AUGMENT_OPTIONS), "optim.momentum", "optim.weight_decay",
-                   "optim.decay_biases", "schedule.kind", "seed", "deterministic", "speed.autocast", "speed.tf32")
+                   *(f"data.{option}" for option in AUGMENT_OPTIONS), "data.decode", "optim.momentum",
+                   "optim.weight_decay", "optim.decay_biases", "schedule.kind", "seed", "deterministic",
+                   "speed.autocast", "speed.tf32")
 NOT_SETTINGS = ("run_dir",)  # where the run is, not how it runs
 
 
@@ -53,11 +55,26 @@ def saved_checkpoint(checkpoints: Path) -> Path | None:
     return next((path for path in (latest, previous(latest)) if path.is_file()), None)
 
 
+def decode_device(decode: str, store: PreparedStore, device: str) -> str | None:
+    """Where the loader's batches of `store` are decoded beyond its workers (`data.decode`): None, or with `gpu`
+    the first tower's GPU (nvJPEG)."""
+    if decode != "gpu":
+        return None
+    if store.record_format != "jpeg":
+        raise RunError(f"data.decode=gpu decodes JPEG records, but the store {store.root} holds "
+                       f"{store.record_format} records: leave data.decode=loader")
+    if not device.startswith("cuda"):
+        raise RunError(f"data.decode=gpu decodes with nvJPEG on the first tower's GPU, but it is on {device}: "
+                       "leave data.decode=loader")
+    return device
+
+
 class Run:
     """The state of one training run: what its steps change, and what its checkpoints hold."""
 
     def __init__(self, cfg: DictConfig, world: World = World()):
         validate(cfg)
+        store = PreparedStore(cfg.data.store, verify=cfg.data.verify)  # checked before anything is made
         self.cfg, self.world = cfg, world
         self.record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.dir = Path(cfg.run_dir)
@@ -72,8 +89,7 @@ class Run:
         self.workers = worker_count(cfg.data.workers, world.local_size)
         speed.set_cudnn_benchmark(cfg.speed.cudnn_benchmark, cfg.deterministic)
         speed.set_precision(cfg.speed.tf32)
-        store = PreparedStore(cfg.data.store)
-        self.dataset, self.classes = store.description, store.classes
+        self.dataset, self.classes, self.records = store.description, store.classes, store.records_spec
         self.train_split = store.split("train").sample(cfg.data.limit_train, cfg.seed)
         self.val_split = store.split("val").sample(cfg.data.limit_val, cfg.seed)
         self.steps_per_epoch = len(self.train_split) // cfg.data.batch_size
@@ -85,6 +101,7 @@ class Run:
             raise RunError(f"model.num_classes={self.num_classes} but the store {store.root} has "
                            f"{len(store.classes)} classes; leave model.num_classes unset")
         self.record["model"]["num_classes"] = self.num_classes  # so the checkpoint rebuilds the same network
+        self.decode_on = decode_device(cfg.data.decode.name, store, self.devices[0])
         torch.manual_seed(cfg.seed)  # the initial weights (§5), drawn on the CPU: the same on any devices
         try:
             self.model = build_model(self.record["model"], self.devices)

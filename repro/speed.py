@@ -119,6 +119,9 @@ def prefetch(loader: Iterable, devices: Sequence[str | torch.device]) -> Iterato
         images, labels = batch
         sent = {}
         for device, stream in copy_streams.items():
+            if images.is_cuda:  # decoded on a GPU (data.decode=gpu) by its current stream: copy once that is done
+                stream.wait_stream(torch.cuda.current_stream(images.device))
+                images.record_stream(stream)
             with torch.cuda.stream(stream):
                 sent[device] = images.to(device, non_blocking=True)
         with torch.cuda.stream(copy_streams[devices[0]]):

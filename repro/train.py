@@ -168,6 +168,7 @@ def _epochs(run: Run) -> dict:
         metrics.update(
             epoch=run.epoch, step=run.global_step,
             val_complete=cfg.data.limit_val is None, train_images=len(run.train_split), dataset=run.dataset,
+            store_records=run.records,
             images_per_s=loop.images / loop.seconds if loop.seconds else None,
             preset=run.model.preset, model_options=run.model.options,
             data_options={"batch_size": cfg.data.batch_size, **augment_options(run.record["data"])},

@@ -29,6 +29,14 @@ def demo_store(demo_raw, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_jpeg_store(demo_raw, tmp_path_factory) -> Path:
+    """`demo_raw` prepared as JPEG records (quality 95), like `demo_store`."""
+    out = tmp_path_factory.mktemp("demo_jpeg_store")
+    prepare(demo_raw, out, skip_bad=True, workers=2, record_format="jpeg")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(demo_store, tmp_path_factory):
     """A finished `experiment=tiny` run on `demo_store`, started through the real entry point: (run folder, the
     finished process)."""

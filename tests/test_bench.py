@@ -7,6 +7,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
@@ -64,3 +66,30 @@ def test_each_configuration_runs_where_training_would_and_is_compared_per_device
     assert bench.config_devices(bench.TRAIN_CONFIGS["torchvision alexnet"], pair) == one
     # per repeat, from that repeat's two step times: 2 s on two GPUs against 1 s on one is 0.25x per device
     assert bench.ratio_per_flop([2.0, 1.0], 4.0, 2, [1.0, 1.0], 4.0) == [0.25, 0.5]
+
+
+def test_the_data_sections_loader_rates_and_fidelity_cover_both_record_formats(demo_store, demo_jpeg_store):
+    """The quick sibling of the next test: the pieces of the data section on the session's stores."""
+    import bench_data
+
+    rates = bench_data.interleaved({"raw": bench_data.store_work(demo_store, batch_size=8),
+                                    "jpeg unchecked": bench_data.store_work(demo_jpeg_store, verify=False,
+                                                                            batch_size=8)}, 0.1, rounds=1)
+    assert all(rate > 0 for rate in rates.values())
+    jpeg = bench_data.fidelity(demo_store, demo_jpeg_store)
+    assert 0 < jpeg["mean_abs_diff"] < 3 and 0 < jpeg["max_abs_diff"] <= 255
+    assert jpeg["bytes_per_image"] < bench_data.store_bytes(demo_store) / 47 / 6
+
+
+@pytest.mark.slow
+def test_the_data_section_measures_each_format_side_by_side(tmp_path, monkeypatch):
+    import bench_data
+
+    monkeypatch.setattr(bench_data, "MINI", tmp_path / "absent")  # the demo data: quick, and the same everywhere
+    results = bench_data.measure(0.3)
+    assert set(results["formats"]) == {"raw", "jpeg q90", "jpeg q95"}
+    raw, jpeg = results["formats"]["raw"], results["formats"]["jpeg q95"]
+    assert round(raw["bytes_per_image"]) == 196_609 and jpeg["bytes_per_image"] < raw["bytes_per_image"] / 6
+    assert raw["images_per_s"] > 0 and jpeg["images_per_s_unchecked"] > 0 and "crc_us_per_image" in jpeg
+    text = "\n".join(bench_data.render({"data": results}))
+    assert "| **JPEG ratio, per core** |" in text and "Targets: the JPEG store at most 1/6" in text

@@ -204,3 +204,9 @@ def test_class_names_are_the_devkits_words_or_else_the_wnids(demo_raw, demo_stor
     assert store.class_names == info["words"]
     store.manifest["class_names"] = None  # a store prepared from class folders, without a devkit
     assert store.class_names == info["wnids"]
+
+
+def test_figures_read_a_jpeg_store(run_copy, demo_jpeg_store):
+    assert main([f"checkpoint={run_copy / 'checkpoints' / 'last.pt'}", f"store={demo_jpeg_store}",
+                 "which=[top5]", "queries=2", "devices=[cpu,cpu]", "workers=0"]) == 0
+    assert not_blank(run_copy / "figures" / "fig4_top5.png")

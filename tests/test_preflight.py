@@ -263,7 +263,7 @@ def test_the_stores_read_rate_is_set_against_the_step_and_bounds_the_projection(
     alone = preflight.Box(["cpu", "cpu"], 4, 1, 1, demo_store, 0, False, Path("."))  # checks=[speed-projection]
     alone.cache["timings"] = box.cache["timings"]
     projection = preflight.check_speed_projection(alone)  # reads the store itself
-    assert "read-bound" in projection.summary and 0 < alone.cache["store_rate"] < 1e6
+    assert "read-bound" in projection.summary and 0 < alone.cache["store_rates"]["loader"] < 1e6
 
 
 def cuda_box(*devices: str) -> "preflight.Box":
@@ -340,3 +340,25 @@ def test_the_overlap_check_fails_when_the_towers_take_turns(monkeypatch):
         result = preflight.check_speed_overlap(box)
         assert result.status == status and f"{both / 10:.2f}x the slower tower" in result.summary
         assert ("the towers take turns" in result.summary) is (status == "FAIL")
+
+
+
+
+def test_a_jpeg_stores_read_rate_is_measured_in_the_loader_and_on_a_gpu_with_nvjpeg(demo_store, demo_jpeg_store,
+                                                                                       monkeypatch):
+    box = preflight.Box(["cpu", "cpu"], 4, 1, 1, demo_jpeg_store, 0, False, Path("."))
+    box.cache["timings"] = {"float32": {"images_per_s": 1e6}}
+    result = preflight.check_speed_store(box)
+    assert result.status == "PASS" and "(JPEG records of quality 95) reads" in result.summary
+    assert "images/s decoded in the loader (workers=0" in result.summary and set(result.details["by_decoder"]) == {
+        "loader"}
+    # with GPUs (faked: no GPU here), a JPEG store is also read with data.decode=gpu, on the first tower's GPU
+    measured = []
+    monkeypatch.setattr(preflight, "read_rate", lambda split, box, decode_on: measured.append(
+        (split.records.spec["format"], decode_on)) or 100.0 * (1 + (decode_on is not None)))
+    for store, expected in ((demo_jpeg_store, {"loader": 100.0, "gpu": 200.0}), (demo_store, {"loader": 100.0})):
+        box = preflight.Box(["cpu", "cpu"], 4, 1, 1, store, 0, False, Path("."))
+        box.gpus = [torch.device("cuda:0")]
+        box.devices = [torch.device("cuda:0"), torch.device("cuda:1")]
+        assert preflight.store_read_rates(box) == expected and preflight.store_read_rate(box) == max(expected.values())
+    assert measured == [("jpeg", None), ("jpeg", torch.device("cuda:0")), ("raw", None)]

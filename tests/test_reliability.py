@@ -33,7 +33,7 @@ from devkit import write_devkit
 from helpers import command, tiny_cfg, train_config
 from repro import prepare as prepare_module
 from repro.checkpoint import check_classes, load_checkpoint, save_checkpoint
-from repro.cli import given_run_dir, prepare_main, resume_main
+from repro.cli import convert_main, given_run_dir, prepare_main, resume_main
 from repro.config import AUGMENT_OPTIONS, CONF_DIR, SEED_LIMIT, TOOL_CONFIGS, EvalConfig, TrainConfig, validate
 from repro.data import batches
 from repro.demo_data import DEVKIT_TAR, TRAIN_TAR, make_demo_data
@@ -44,7 +44,7 @@ from repro.io import atomic_write, flatten, locked, remove_temporaries, write_js
 from repro.prepare import IMAGE_BYTES, prepare, start_split
 from repro.reports.paper import comparison_table, standard_error, write_report
 from repro.runtime import worker_count
-from repro.store import PreparedStore
+from repro.store import PreparedStore, records_spec
 from repro.train import train
 from test_prepare import jpeg_bytes, small_raw
 
@@ -160,12 +160,15 @@ def test_prepare_refuses_a_store_its_disk_cannot_hold_before_any_work(demo_raw, 
     assert not (tmp_path / "store" / "train").exists()
 
 
-def test_a_split_reserves_its_arrays_blocks(demo_raw, tmp_path):
+@pytest.mark.parametrize("record_format, arrays", [("raw", {"images.npy": IMAGE_BYTES, "crc32.npy": 4}),
+                                                    ("jpeg", {"jpegs.npy": 16, "crc32.npy": 4})])
+def test_a_split_reserves_its_arrays_blocks(demo_raw, tmp_path, record_format, arrays):
     sources = prepare_module.plan(demo_raw, skip_bad=True)["splits"]["train"]["sources"]
-    start_split(tmp_path, "train", sources)
-    images = tmp_path / "train" / "images.npy"
-    assert images.stat().st_size > len(sources) * IMAGE_BYTES
-    assert images.stat().st_blocks * 512 >= images.stat().st_size  # allocated, not a sparse file
+    start_split(tmp_path, "train", sources, records_spec(record_format))
+    for name, row_bytes in arrays.items():
+        array = tmp_path / "train" / name
+        assert array.stat().st_size > len(sources) * row_bytes
+        assert array.stat().st_blocks * 512 >= array.stat().st_size, name  # allocated, not a sparse file
 
 
 def test_prepare_on_a_real_disk_too_small_is_refused(demo_raw, tmpfs):
@@ -558,6 +561,11 @@ def test_every_experiment_passes_the_validation(experiment):
 def test_the_other_commands_validate_their_settings(capsys):
     assert prepare_main(["raw=x", "store=y", "workers=0"]) == 2
     assert capsys.readouterr().err.strip() == "repro-prepare: error: workers=0: must be at least 1"
+    assert prepare_main(["raw=x", "store=y", "format=jpeg", "quality=101"]) == 2
+    assert capsys.readouterr().err.strip() == "repro-prepare: error: quality=101: must be at most 100"
+    assert convert_main(["source=x", "store=y", "format=png"]) == 2
+    assert "repro-convert: error: Error merging override format=png; Invalid value 'png', expected one of [raw, jpeg]" \
+        in capsys.readouterr().err
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["checkpoint=nowhere.pt", "batch_size=0"])
     with pytest.raises(RunError, match="^batch_size=0: must be at least 1$"):  # before it looks for the file
@@ -677,7 +685,8 @@ FIXED_CHANGES = [*ablation_switches(), *((f"data.{k}={v}", f"data.{k}") for k, v
                  ("deterministic=false", "deterministic"), ("seed=1", "seed"), ("data.limit_val=4", "data.limit_val"),
                  ("optim.momentum=0.8", "optim.momentum"), ("optim.weight_decay=0", "optim.weight_decay"),
                  ("optim.decay_biases=false", "optim.decay_biases"), ("schedule.kind=plateau", "schedule.kind"),
-                 ("speed.autocast=bf16", "speed.autocast"), ("speed.tf32=true", "speed.tf32")]
+                 ("speed.autocast=bf16", "speed.autocast"), ("speed.tf32=true", "speed.tf32"),
+                 ("data.decode=gpu", "data.decode")]
 
 
 def test_every_augmentation_option_is_among_the_changes_tried():

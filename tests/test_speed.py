@@ -3,6 +3,7 @@ grouped forward's gradients and dropout, checkpoints across options, compile, pl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -231,6 +232,42 @@ def test_prefetch_copies_to_the_gpu_in_order():
     got = list(speed.prefetch(batches, ["cuda:0", "cuda:0"]))
     cuda0 = torch.device("cuda:0")
     assert [int(images[cuda0][0]) for images, _ in got] == [0, 1, 2] and list(got[0][0]) == [cuda0]
+
+
+def test_prefetch_copies_a_batch_decoded_on_a_gpu_only_after_its_decode(monkeypatch):
+    """data.decode=gpu hands prefetch batches already on cuda:0, written by its current stream: each copy stream
+    waits for that stream before copying, and keeps the batch's memory in use meanwhile. No GPU here: torch.cuda's
+    streams and the CUDA tensors are fakes that record the calls in order."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    class Tensor:
+        is_cuda, device = True, torch.device("cuda:0")
+
+        def __init__(self, name):
+            self.name = name
+
+        def to(self, device, non_blocking=False):
+            events.append(("copy", self.name, str(device)))
+            return Tensor(f"{self.name} on {device}")
+
+        def record_stream(self, stream):
+            events.append(("in use", self.name, stream.name))
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream(f"copy {device}"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream(f"compute {torch.device(device)}"))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    list(speed.prefetch([(Tensor("images"), Tensor("labels"))], ["cuda:0", "cuda:1"]))
+    for device in ("cuda:0", "cuda:1"):
+        copy = events.index(("copy", "images", device))
+        assert ("wait", f"copy {device}", "compute cuda:0") in events[:copy], events
+        assert ("in use", "images", f"copy {device}") in events[:copy], events
 
 
 def test_speed_options_in_a_training_run(demo_store, tmp_path):

@@ -358,3 +358,34 @@ def test_a_run_resumed_in_a_process_with_another_thread_count_ends_with_the_unin
     subprocess.run(args, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert f"deterministic=true: {threads} CPU threads" in (tmp_path / "train.log").read_text()
     assert_same_run(uninterrupted, tmp_path)
+
+
+def test_a_run_reads_a_jpeg_store_for_training_and_evaluation(demo_jpeg_store, tmp_path):
+    """The quick sibling of the next test: a run's splits of a JPEG store, a training batch through the
+    augmentation and a centre-crop evaluation."""
+    from repro.data import batches, step_rng
+    from repro.evaluate import evaluate
+    from repro.run import Run
+
+    run = Run(tiny_cfg(demo_jpeg_store, tmp_path))
+    assert run.records["format"] == "jpeg" and run.decode_on is None
+    images, labels = next(iter(batches(run.train_split, 4, workers=0)))
+    (x, _) = run.augment.train(images, step_rng(0, 0, 0))
+    assert images.dtype == torch.uint8 and x.shape == (4, 3, 224, 224) and torch.isfinite(x).all()
+    result = evaluate(run.model, run.augment, run.val_split, 8, ten_crop=False)
+    assert result["images"] == len(run.val_split) == 8
+
+
+@pytest.mark.slow
+def test_a_jpeg_store_trains_and_evaluates_like_a_raw_one(demo_store, demo_jpeg_store, tmp_path):
+    """Training and `repro-eval` read either record format (the JPEG records decoded in the loader)."""
+    from repro.config import composed
+    from repro.evaluate import evaluate_checkpoint
+
+    metrics = train(tiny_cfg(demo_jpeg_store, tmp_path / "run", "schedule.max_epochs=1"))
+    assert metrics["store_records"]["format"] == "jpeg" and metrics["val_images"] == 8
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    for store in (demo_jpeg_store, demo_store):
+        evaluated = evaluate_checkpoint(composed("eval", [f"checkpoint={checkpoint}", f"store={store}", "workers=0",
+                                                          f"out={tmp_path / 'eval.json'}"]))
+        assert evaluated["val_images"] == 16 and 0 <= evaluated["top1_err_10crop"] <= 100
