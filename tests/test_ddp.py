@@ -242,7 +242,8 @@ def test_a_process_sets_its_gpu_before_it_joins_the_group(four_fake_gpus, monkey
     assert [call for call, _ in four_fake_gpus] == ["init_process_group"]
 
 
-def test_every_command_that_uses_cuda_makes_its_first_device_current(four_fake_gpus, tmp_path, capsys):
+def test_every_command_that_uses_cuda_makes_its_first_device_current(four_fake_gpus, demo_store, tmp_path,
+                                                                      capsys):
     # Unset, the pin-memory thread and tensor.pin_memory() work on cuda:0, whatever devices the command was given.
     from repro.cli import figure1_main, figures_main, preflight_main
     from repro.config import composed
@@ -251,7 +252,7 @@ def test_every_command_that_uses_cuda_makes_its_first_device_current(four_fake_g
     checkpoint = tmp_path / "last.pt"
     checkpoint.touch()
     commands = {
-        "repro-train": lambda: train(tiny_cfg(tmp_path / "store", tmp_path / "run", "devices=[cuda:3,cuda:2]")),
+        "repro-train": lambda: train(tiny_cfg(demo_store, tmp_path / "run", "devices=[cuda:3,cuda:2]")),
         "repro-eval": lambda: evaluate_checkpoint(composed("eval", [f"checkpoint={checkpoint}",
                                                                     "devices=[cuda:3,cuda:2]"])),
         "repro-figures": lambda: figures_main([f"checkpoint={checkpoint}", "devices=[cuda:3,cuda:2]"]),

@@ -898,7 +898,7 @@ def test_a_run_folder_inside_a_file_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 WORKER_SETTINGS = {"train": "data.workers", "eval": "workers", "figures": "workers", "preflight": "workers",
-                   "prepare": "workers"}
+                   "prepare": "workers", "convert": "workers"}
 
 
 def test_every_command_with_worker_processes_is_listed():
@@ -926,7 +926,7 @@ def test_the_default_worker_count_follows_the_machine(demo_store, monkeypatch):
     split = PreparedStore(demo_store).split("train")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch: "This DataLoader will create 6 worker processes in total ..."
-        batches(split, 4, workers=worker_count(cfg.data.workers)).check_worker_number_rationality()
+        batches(split, 4, workers=worker_count(cfg.data.workers)).loader.check_worker_number_rationality()
     for cores, processes, workers in ((1, 1, 0), (2, 1, 1), (8, 1, 6), (64, 1, 6), (16, 4, 3)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
         assert worker_count(None, processes) == workers
