@@ -1,7 +1,9 @@
 """Every command of the project (the console scripts of setup.cfg), with one convention.
 
 Settings are key=value, typed by the schemas in repro/config.py and parsed by Hydra (so `devices=[cpu,cpu]`,
-`model.lrn=false` and `which=[conv1]` read the same everywhere); `COMMAND --help` lists them. A problem the user
+`model.lrn=false` and `which=[conv1]` read the same everywhere); `COMMAND --help` lists them. The figures and the
+preflight import their libraries (matplotlib, torchvision's models) when they run, so that every other command starts
+(and answers a wrong setting) without them. A problem the user
 can fix (`repro.errors.ReproError`) ends a command with one line on stderr and exit status 2. `repro-train` and
 `repro-eval` are Hydra apps (run folders, `--multirun` sweeps, in which a failed job is recorded and the others
 go on); the other commands compose their settings with Hydra's compose API and write no Hydra folders. Training
@@ -31,12 +33,9 @@ from repro.evaluate import evaluate_checkpoint
 from repro.io import atomic_write, locked, make_folder
 from repro.launchers import own_gpu_pair, share_visible_gpus
 from repro.loop import StopSignals, Stopped
-from repro.preflight import preflight
 from repro.prepare import STOP_SIGNALS, convert, prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
-from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
-from repro.reports.figures import make_figures
 from repro.reports.paper import write_report
 from repro.runtime import available_cores, resolve_devices, use_devices, worker_count
 from repro.train import train
@@ -254,6 +253,8 @@ def demo_data_main(argv: list[str]) -> int:
 @entry_point("repro-figures")
 def figures_main(argv: list[str]) -> int:
     cfg = settings("repro-figures", "figures", argv)
+    from repro.reports.figures import make_figures
+
     result = make_figures(cfg.run_dir, cfg.checkpoint, list(cfg.which), cfg.store, cfg.devices, cfg.queries,
                           cfg.batch_size, worker_count(cfg.workers))
     for path in result["written"]:
@@ -268,6 +269,8 @@ def figures_main(argv: list[str]) -> int:
 def figure1_main(argv: list[str]) -> int:
     cfg = settings("repro-figure1", "figure1", argv)
     use_devices(resolve_devices([cfg.device, cfg.device], require_two_gpus=False))  # a device that exists here
+    from repro.reports.figure1 import FIGURE_PNG, RESULTS_JSON, THRESHOLD, figure1
+
     results = figure1(Path(cfg.data), Path(cfg.out), list(dict.fromkeys(cfg.activations)),
                       list(dict.fromkeys(cfg.lrs)), cfg.epochs, cfg.extra_epochs, cfg.init, cfg.seed, cfg.limit,
                       cfg.batch_size, cfg.device, cfg.download)
@@ -306,4 +309,6 @@ def preflight_main(argv: list[str]) -> int:
     """0 when every check that ran passed, 1 naming the first failure (2: the settings were wrong)."""
     cfg = settings("repro-preflight", "preflight", argv)
     cfg.workers = worker_count(cfg.workers)
+    from repro.preflight import preflight
+
     return preflight(cfg, " ".join(["repro-preflight", *argv]))

@@ -5,7 +5,6 @@ colour-agnostic, the other's colour-specific)."""
 from __future__ import annotations
 
 import torch
-from torchvision.utils import make_grid
 
 from repro.model import AlexNet
 
@@ -14,6 +13,8 @@ def conv1_grids(model: AlexNet, per_row: int = 8, zoom: int = 1, padding: int = 
     """Each tower's conv1 kernels as one RGB image [3, H, W] in [0, 1], `zoom` times enlarged (nearest). The paper
     does not say how it scaled them; here each kernel is stretched on its own from its lowest weight (black) to its
     highest (white) over all three channels, which keeps the balance between its colours."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes a second that most commands never need
+
     grids = []
     for tower in model.towers:
         kernels = tower.conv1.weight.detach().float().cpu()

@@ -16,7 +16,6 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,6 +85,8 @@ def build(options: SpeedConfig | None, devices: Sequence = ("cpu", "cpu"), seed:
     `alexnet` on `devices[0]`; the weights drawn from `seed`."""
     torch.manual_seed(seed)
     if options is None:
+        import torchvision  # here: a second to import, which the two-tower measurements never need
+
         return torchvision.models.alexnet(weights=None).to(devices[0])
     return speed.apply(AlexNet(devices=devices), options)
 
