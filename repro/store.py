@@ -406,10 +406,13 @@ class PreparedStore:
 
     @property
     def description(self) -> str:
-        """What the store holds, for reports: the demo's made-up WNIDs all start with n9, real ones never do."""
+        """What the store holds, for reports: the demo's made-up WNIDs all start with n9, real ones never do. A store
+        of real WNIDs numbers them among ILSVRC-2012's 1000 classes even when it holds images of a few (class
+        folders without a devkit, repro.sources.classes), so the classes with images say whether it is the set."""
         if all(wnid.startswith("n9") for wnid in self.classes):
             return "the demo data"
-        return "ILSVRC-2012" if len(self.classes) == 1000 else f"a {len(self.classes)}-class ImageNet subset"
+        with_images = len(np.unique(np.concatenate([split.labels[split.rows] for split in self.splits.values()])))
+        return "ILSVRC-2012" if with_images == len(self.classes) == 1000 else f"a {with_images}-class ImageNet subset"
 
     @property
     def class_names(self) -> list[str]:

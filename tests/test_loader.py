@@ -4,6 +4,7 @@ the signals sent to a whole job."""
 import multiprocessing
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -72,7 +73,14 @@ def test_batches_hold_the_stored_images_and_labels(demo_store):
 
 
 def test_store_says_what_it_holds(demo_store):
-    assert PreparedStore(demo_store).description == "the demo data"
+    store = PreparedStore(demo_store)
+    assert store.description == "the demo data"
+    # real WNIDs: class folders of a few ILSVRC-2012 classes are numbered among its 1000 (repro.sources.classes)
+    store.classes = [f"n0{i:07d}" for i in range(1000)]
+    assert store.description == "a 4-class ImageNet subset"
+    every_class = np.arange(1000)
+    store.splits = {"val": SimpleNamespace(labels=every_class, rows=every_class)}
+    assert store.description == "ILSVRC-2012"
 
 
 def test_skipped_rows_are_never_served(demo_store):
