@@ -30,14 +30,14 @@ from repro.demo_data import make_demo_data
 from repro.distributed import World
 from repro.errors import ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
-from repro.io import atomic_write, locked, make_folder
+from repro.io import atomic_write, available_cores, locked, make_folder
 from repro.launchers import own_gpu_pair, share_visible_gpus
 from repro.loop import StopSignals, Stopped
 from repro.prepare import STOP_SIGNALS, convert, prepare
 from repro.progress import setup_logging
 from repro.reports.ablation import summarise
 from repro.reports.paper import write_report
-from repro.runtime import available_cores, resolve_devices, use_devices, worker_count
+from repro.runtime import resolve_devices, use_devices, worker_count
 from repro.train import train
 
 HYDRA_RECORD = ".hydra"  # a run folder's record of repro-train's command, in Hydra's layout (hydra_record)

@@ -32,7 +32,7 @@ from repro import sources as sources_lib
 from repro import speed as speed_lib
 from repro import store as store_lib
 from repro.errors import RunError
-from repro.runtime import available_cores
+from repro.io import available_cores
 
 # The Hydra configs live beside the package in the source tree (an editable install keeps them there).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -56,7 +56,7 @@ LIMITS = {"at_least": operator.ge, "above": operator.gt, "at_most": operator.le,
 def limited(default=None, *, factory=None, **limits):
     """A numeric setting's field with its allowed range (keywords of LIMITS; for a list, of each item), which
     `validate` checks when a command reads its config. A bound may depend on the machine: a function, called when
-    the value is checked, whose docstring names the bound in the error (e.g. `runtime.available_cores`)."""
+    the value is checked, whose docstring names the bound in the error (e.g. `io.available_cores`)."""
     assert set(limits) <= set(LIMITS), limits
     metadata = {"limits": limits}
     return field(default_factory=factory, metadata=metadata) if factory else field(default=default, metadata=metadata)
@@ -207,7 +207,9 @@ class EvalConfig:
     store: Optional[str] = None  # default: the store the checkpoint was trained on
     devices: Optional[List[str]] = None
     batch_size: int = limited(64, at_least=1)  # images per batch (x10 views with 10 patches)
-    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: the machine's default
+    # a JPEG store's records: null decodes them where the run did (its data.decode) when these devices can
+    decode: Optional[Decoder] = None
     out: Optional[str] = None  # default: eval_metrics.json beside the checkpoint's run folder
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
@@ -281,7 +283,7 @@ class FiguresConfig:
     devices: Optional[List[str]] = None
     queries: Optional[int] = limited(None, at_least=1)
     batch_size: int = limited(64, at_least=1)
-    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: the machine's default
 
 
 @dataclass
@@ -324,7 +326,7 @@ class PreflightConfig:
     steps: Optional[int] = limited(None, at_least=1)
     repeats: Optional[int] = limited(None, at_least=1)
     store: Optional[str] = None
-    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: as data.workers
+    workers: Optional[int] = limited(None, at_least=0, at_most=available_cores)  # null: the machine's default
     compile: bool = False
     checks: Optional[List[str]] = None
     out: Optional[str] = None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repro.errors import StoreError
+from repro.errors import RunError, StoreError
 from repro.store import SIZE, Split
 
 CROP = 224  # §4.1: "extracting random 224 x 224 patches (and their horizontal reflections)"
@@ -33,6 +33,20 @@ def epoch_order(num: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(num)
     return np.random.default_rng([seed, epoch]).permutation(num)
+
+
+def decode_device(decode: str, store, device: str) -> str | None:
+    """Where the loader's batches of `store` (a `PreparedStore`) are decoded beyond its workers (`data.decode`):
+    None, or with `gpu` the first tower's GPU `device` (nvJPEG)."""
+    if decode != "gpu":
+        return None
+    if store.record_format != "jpeg":
+        raise RunError(f"data.decode=gpu decodes JPEG records, but the store {store.root} holds "
+                       f"{store.record_format} records: leave data.decode=loader")
+    if not device.startswith("cuda"):
+        raise RunError(f"data.decode=gpu decodes with nvJPEG on the first tower's GPU, but it is on {device}: "
+                       "leave data.decode=loader")
+    return device
 
 
 class EpochBatches(Dataset):

@@ -10,7 +10,7 @@ import torch
 from repro import speed
 from repro.checkpoint import check_classes, load_checkpoint
 from repro.config import SpeedConfig, build_augment, build_model, validate
-from repro.data import Augment, batches
+from repro.data import Augment, batches, decode_device
 from repro.distributed import World
 from repro.errors import RunError
 from repro.io import write_json
@@ -95,6 +95,11 @@ def evaluate_checkpoint(cfg) -> dict:
     metrics = {"checkpoint": str(cfg.checkpoint), "store": str(store.root), "epoch": checkpoint["epoch"],
                "step": checkpoint["global_step"], "preset": trained["model"]["preset"],
                "options": model.options, "precision": speed.precision(cfg.speed)}
-    metrics.update(evaluate_views(model, augment, split, cfg.batch_size, worker_count(cfg.workers), desc="eval"))
+    decode = cfg.decode.name if cfg.decode is not None else trained["data"].get("decode", "loader")
+    if cfg.decode is None and decode == "gpu" and model.devices[0].type != "cuda":
+        decode = "loader"  # the run's nvJPEG needs a GPU: the same pixels but for a rounding here and there
+    metrics["decode"] = decode
+    metrics.update(evaluate_views(model, augment, split, cfg.batch_size, worker_count(cfg.workers), desc="eval",
+                                  decode_on=decode_device(decode, store, str(model.devices[0]))))
     write_json(Path(cfg.out) if cfg.out else Path(cfg.checkpoint).resolve().parents[1] / "eval_metrics.json", metrics)
     return metrics

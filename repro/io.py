@@ -1,5 +1,5 @@
-"""Small file helpers of every stage: atomic writes through unique temporaries, a folder lock, free space, JSON,
-and nested settings as dotted keys."""
+"""Small file helpers of every stage: atomic writes through unique temporaries, a folder lock, free space and the
+cores this process may use, JSON, and nested settings as dotted keys."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def free_space(folder: Path) -> int:
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def available_cores() -> int:
+    """the cores this process may use"""  # its CPU affinity: a SLURM job's, a container's or taskset's share
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 def disk_full(error: BaseException | None) -> bool:

@@ -15,16 +15,18 @@ manifest is unfinished. Killed at any point, the same command continues where it
 
 from __future__ import annotations
 
+import collections
 import errno
 import importlib.metadata
 import io
+import json
 import logging
 import multiprocessing
 import os
 import platform
 import signal
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from itertools import islice
@@ -36,7 +38,8 @@ from PIL import Image
 
 from repro import __version__
 from repro.errors import PrepareError
-from repro.io import atomic_write, disk_full, free_space, human, locked, remove_temporaries, write_json
+from repro.io import (atomic_write, available_cores, disk_full, free_space, human, locked, remove_temporaries,
+                      write_json)
 from repro.progress import Progress, progress
 from repro.sources import Reader, Source, chunks, plan
 from repro.store import (FORMAT, IMAGE_BYTES, JPEG_QUALITY, SIZE, PreparedStore, open_records, records_spec,
@@ -44,6 +47,7 @@ from repro.store import (FORMAT, IMAGE_BYTES, JPEG_QUALITY, SIZE, PreparedStore,
 
 RESIZE = Image.Resampling.BILINEAR  # the paper names none; Pillow's bilinear is antialiased when shrinking
 TODO, DONE, BAD = 0, 1, 2  # states of a row in <split>/progress.npy
+STARTED = "started.json"  # how an unfinished split's rows are made (`start_split`); the manifest says it once done
 ROW_EXTRA, STORE_EXTRA = 256, 16_000_000  # bytes, generous: a row's label, checksum and line; stats and manifest
 # A JPEG record's size, for the space check: 28.3 KiB on average at quality 95 over 101 real ILSVRC-2012 images
 # (docs/data.md), so generous; a disk that fills up anyway stops the prepare with `disk full`, and it continues.
@@ -143,13 +147,15 @@ def reserve(path: Path) -> None:
             log.warning(f"{path}: this file system cannot reserve space ({error.strerror}); keep it from filling up")
 
 
-def start_split(out: Path, split: str, sources: list[Source], records: dict) -> None:
+def start_split(out: Path, split: str, sources: list[Source], records: dict, how: dict | None = None) -> None:
     """Allocate a split's files once, stored as `records` says, reserving their space; a rerun finds them and
-    checks they were planned from the same input, in the same format."""
+    checks they were planned from the same input, in the same format, the same way (`how`: what else decides the
+    records, e.g. the prepare's `draft` or the store a conversion reads), so that no store mixes two kinds of rows."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     files = open_records(folder, records)
     table = "".join(f"{s.name}\t{s.path}\t{s.offset}\t{s.size}\n" for s in sources)
+    started = {"records": records, **(how or {})}
     if (folder / "progress.npy").is_file():
         if (folder / "sources.tsv").read_text() != table:
             raise PrepareError(f"{folder} was started from different input files; prepare into a new folder or "
@@ -158,7 +164,14 @@ def start_split(out: Path, split: str, sources: list[Source], records: dict) -> 
         if missing:
             raise PrepareError(f"{folder} was started in another format than format={records['format']} (it has no "
                                f"{missing[0]}): run the command it was started with, or prepare into a new folder")
+        before = json.loads((folder / STARTED).read_text()) if (folder / STARTED).is_file() else started
+        if before != started:
+            key = next(k for k in {**before, **started} if before.get(k) != started.get(k))
+            raise PrepareError(f"{folder} was started with {key}={json.dumps(before.get(key))}, not "
+                               f"{json.dumps(started.get(key))}: its rows would be made two ways; run the command it "
+                               "was started with, or prepare into a new folder")
     else:
+        write_json(folder / STARTED, started)
         atomic_write(folder / "sources.tsv", lambda f: f.write(table.encode()))
         atomic_write(folder / "labels.npy", lambda f: np.save(f, np.array([s.label for s in sources], np.int16)))
         files.create(len(sources))
@@ -174,8 +187,9 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 def _start_worker(initializer, initargs: tuple) -> None:
-    """A worker's set-up: the stop signals are the parent's to handle (it stops, and the pool lets each worker
-    finish its task; a worker would print a KeyboardInterrupt traceback of its own); then the caller's own."""
+    """A worker's set-up: the stop signals are the parent's to handle (it stops, and the pool's workers are ended
+    with it; a worker would print a KeyboardInterrupt traceback of its own); then the caller's own. A worker starts
+    with them blocked (`parallel`), so one that comes while it imports waits here, and is dropped."""
     for name in STOP_SIGNALS:
         signal.signal(signal.Signals[name], signal.SIG_IGN)
     if initializer is not None:
@@ -183,27 +197,40 @@ def _start_worker(initializer, initargs: tuple) -> None:
 
 
 def parallel(function, tasks, workers: int, initializer=None, initargs: tuple = ()):
-    """`function` of every task in `workers` processes, yielding the results as they come. The tasks are taken
-    from their iterable as the workers need them (two each in hand), so a task may carry data read just now. A
-    worker's death (the kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor
-    notices it and fails, where multiprocessing.Pool would wait forever for the dead worker's task."""
+    """`function` of every task in `workers` processes, yielding the results in the tasks' order. The tasks are
+    taken from their iterable as the workers need them (two each in hand), so a task may carry data read just now.
+    A worker's death (the kernel's out-of-memory killer, a signal) becomes a PrepareError: ProcessPoolExecutor
+    notices it and fails, where multiprocessing.Pool would wait forever for the dead worker's task. Left early (a
+    stop signal, an error), it ends the workers without waiting for their tasks, whose results nobody would keep."""
     executor = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
                                    (initializer, initargs))
-    tasks, pending = iter(tasks), set()
+    stops = {signal.Signals[name] for name in STOP_SIGNALS}
+
+    def submit(task):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a worker started here inherits the mask
+        try:
+            return executor.submit(function, task)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    tasks, pending, complete = iter(tasks), collections.deque(), False
     try:
         while True:
-            pending |= {executor.submit(function, task) for task in islice(tasks, 2 * workers - len(pending))}
+            pending.extend(submit(task) for task in islice(tasks, 2 * workers - len(pending)))
             if not pending:
                 break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+            yield pending.popleft().result()  # in order: a store's records are appended the same way every time
+        complete = True
     except BrokenProcessPool:
         raise PrepareError("a worker process died (killed by the system, e.g. out of memory or a full disk, or by a "
                            "signal); what is done is kept: run the same command again to continue (fewer workers= "
                            "use less memory)") from None
     finally:
-        executor.shutdown(cancel_futures=True)
+        # Python 3.14 has terminate_workers(); before it, the pool's own list of its processes (which shutdown drops)
+        processes = [] if complete else list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=complete, cancel_futures=True)
+        for process in processes:
+            process.kill()  # SIGKILL: the workers ignore SIGTERM
 
 
 def convert_split(out: Path, split: str, sources: list[Source], workers: int, chunk: int, records: dict, work,
@@ -261,7 +288,11 @@ def compute_stats(out: Path, rows: np.ndarray, workers: int, records: dict, chun
 
 def _partial_sums(part):
     folder, records, rows = part
-    x = open_records(Path(folder), records).read(np.sort(rows)).astype(np.float64)
+    files = open_records(Path(folder), records)
+    try:
+        x = files.read(np.sort(rows)).astype(np.float64)
+    finally:
+        files.close()  # a process sums many chunks: ~20,000 for ILSVRC-2012's training split
     flat = x.reshape(-1, 3)
     return x.sum(axis=0), flat.sum(axis=0), flat.T @ flat
 
@@ -273,7 +304,7 @@ def prepare(raw: Path, out: Path, skip_bad: bool = False, workers: int | None = 
     images stored as `record_format` (`raw` or `jpeg` of `quality`); returns the manifest. Raises PrepareError on
     bad input, and, unless `skip_bad`, after converting everything else, when some files could not be read."""
     records = records_spec(record_format, quality)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cores()
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "store preparation"):  # for the whole preparation: a second one into `out` is refused
         if (out / "manifest.json").is_file():
@@ -303,7 +334,7 @@ def _prepare(raw: Path, out: Path, skip_bad: bool, workers: int, draft: bool, ch
     check_space(out, sum(len(info["sources"]) for split, info in work["splits"].items()
                          if not (out / split / "progress.npy").is_file()), records)
     for split, info in work["splits"].items():  # both before any conversion: every byte reserved up front
-        start_split(out, split, info["sources"], records)
+        start_split(out, split, info["sources"], records, {"draft": draft})
     manifest = {"format": FORMAT, "repro": __version__, "created": None, "records": records, "raw": work["raw"],
                 "devkit": work["devkit"], "source": work["source"],
                 "size": SIZE, "resize": "shorter side to 256 (Pillow bilinear), "
@@ -355,6 +386,7 @@ def finish(out: Path, manifest: dict, workers: int, t0: float) -> dict:
     write_json(out / "manifest.json", manifest)
     for split in manifest["splits"]:
         (out / split / "progress.npy").unlink()
+        (out / split / STARTED).unlink(missing_ok=True)
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
     log.info(f"done: {out} ({counts} images, {manifest['seconds']} s)")
     return manifest
@@ -371,14 +403,14 @@ def convert(source: Path, out: Path, record_format: str = "jpeg", quality: int =
     against its CRC-32 as it is read), the statistics computed anew from what `out` serves. Locked, space-checked
     and restartable like `prepare`; returns the manifest."""
     records = records_spec(record_format, quality)
-    workers = workers or os.cpu_count() or 1
-    store = PreparedStore(source)
-    if Path(out).resolve() == store.root.resolve():
+    workers = workers or available_cores()
+    if Path(out).resolve() == Path(source).resolve():
         raise PrepareError(f"store={out} is the source store itself: give the converted store a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     with locked(out, "store conversion"):
-        if (out / "manifest.json").is_file():
+        if (out / "manifest.json").is_file():  # done before: the source store may be gone by now
             return finished(out, records)
+        store = PreparedStore(source)
         remove_temporaries(out)
         t0 = time.time()
         source_manifest = store.manifest
@@ -386,7 +418,7 @@ def convert(source: Path, out: Path, record_format: str = "jpeg", quality: int =
                              if not (out / split / "progress.npy").is_file()), records)
         split_sources = {split: stored_sources(store, split) for split in source_manifest["splits"]}
         for split, sources in split_sources.items():
-            start_split(out, split, sources, records)
+            start_split(out, split, sources, records, {"converted_from": str(store.root.resolve())})
         manifest = {key: value for key, value in source_manifest.items()
                     if key not in ("stats", "created", "seconds", "versions")}
         manifest.update(format=FORMAT, repro=__version__, records=records, versions=versions(),
@@ -411,14 +443,20 @@ def in_row_order(rows: list[tuple[int, Source]], size: int):
 
 
 def stored_sources(store: PreparedStore, split: str) -> list[Source]:
-    """A store split's rows as the prepare planned them (from its sources.tsv and labels)."""
-    labels = store.split(split).labels
-    lines = (store.root / split / "sources.tsv").read_text().splitlines()
-    if len(lines) != len(labels):
-        raise PrepareError(f"{store.root / split / 'sources.tsv'} has {len(lines):,} lines for {len(labels):,} rows: "
-                           "the store is damaged; prepare it again")
+    """A store split's rows as the prepare planned them (from its sources.tsv, checked against the manifest's
+    sha256, and its labels)."""
+    opened, path = store.split(split), store.root / split / "sources.tsv"
+    opened.records.check_sha256("sources.tsv", store.manifest["splits"][split].get("sha256", {}).get("sources.tsv"))
+    lines = path.read_text().splitlines()
+    if len(lines) != len(opened.labels):
+        raise PrepareError(f"{path} has {len(lines):,} lines for {len(opened.labels):,} rows: the store is damaged; "
+                           "prepare it again")
     sources = []
-    for line, label in zip(lines, labels.tolist()):
-        name, path, offset, size = line.rsplit("\t", 3)  # a tab in a name or path: the same line again
-        sources.append(Source(name, path, int(offset), int(size), label))
+    for number, (line, label) in enumerate(zip(lines, opened.labels.tolist()), start=1):
+        try:
+            name, file, offset, size = line.rsplit("\t", 3)  # a tab in a name or path: the same line again
+            sources.append(Source(name, file, int(offset), int(size), label))
+        except ValueError:
+            raise PrepareError(f"{path}, line {number:,}: {line[:80]!r} is not name, path, offset and size: the store "
+                               "is damaged; prepare it again") from None
     return sources

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from repro import speed
 from repro.checkpoint import check_classes, load_checkpoint, previous, save_checkpoint
-from repro.config import AUGMENT_OPTIONS, build_augment, build_model, validate
+from repro.config import AUGMENT_OPTIONS, TrainConfig, build_augment, build_model, validate
+from repro.data import decode_device
 from repro.distributed import World
 from repro.errors import DiskFullError, RunError
 from repro.io import flatten
@@ -44,8 +45,15 @@ def fixed_on_resume(key: str) -> bool:
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """The flattened settings of the record `now` whose values differ from the checkpoint's record `saved`."""
-    saved, now = flatten(saved), flatten(now)
+    saved, now = with_later_settings(flatten(saved)), flatten(now)
     return [key for key in now if key not in NOT_SETTINGS and saved.get(key) != now[key]]
+
+
+def with_later_settings(saved: dict) -> dict:
+    """A checkpoint's flattened record with the settings added to the code since it was written, at their defaults:
+    a new setting's default is what the code did before it existed (e.g. `data.decode=loader`)."""
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True))
+    return {**{key: value for key, value in defaults.items() if value != "???"}, **saved}
 
 
 def saved_checkpoint(checkpoints: Path) -> Path | None:
@@ -53,20 +61,6 @@ def saved_checkpoint(checkpoints: Path) -> Path | None:
     between the two renames of a save; None for a new run."""
     latest = checkpoints / "last.pt"
     return next((path for path in (latest, previous(latest)) if path.is_file()), None)
-
-
-def decode_device(decode: str, store: PreparedStore, device: str) -> str | None:
-    """Where the loader's batches of `store` are decoded beyond its workers (`data.decode`): None, or with `gpu`
-    the first tower's GPU (nvJPEG)."""
-    if decode != "gpu":
-        return None
-    if store.record_format != "jpeg":
-        raise RunError(f"data.decode=gpu decodes JPEG records, but the store {store.root} holds "
-                       f"{store.record_format} records: leave data.decode=loader")
-    if not device.startswith("cuda"):
-        raise RunError(f"data.decode=gpu decodes with nvJPEG on the first tower's GPU, but it is on {device}: "
-                       "leave data.decode=loader")
-    return device
 
 
 class Run:
@@ -157,7 +151,7 @@ class Run:
 
     def load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path)
-        saved, now = flatten(checkpoint["config"]), flatten(self.record)
+        saved, now = with_later_settings(flatten(checkpoint["config"])), flatten(self.record)
         changed = changed_settings(saved, now)
         fixed = [k for k in changed if fixed_on_resume(k)]
         if fixed:

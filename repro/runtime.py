@@ -11,6 +11,7 @@ import torch
 
 import repro
 from repro.errors import RunError
+from repro.io import available_cores
 
 # Loader processes by default: what the ILSVRC-2012 recipe used (six, beside the training process; the SLURM launcher's
 # 8 CPUs are sized for them), fewer where the cores are fewer.
@@ -48,14 +49,6 @@ def use_devices(devices) -> None:
     first = torch.device(devices[0])
     if first.type == "cuda":
         torch.cuda.set_device(first)
-
-
-def available_cores() -> int:
-    """the cores this process may use"""  # its CPU affinity: a SLURM job's, a container's or taskset's share
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no sched_getaffinity (macOS)
-        return os.cpu_count() or 1
 
 
 def worker_count(requested: int | None, processes: int = 1) -> int:

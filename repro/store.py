@@ -114,6 +114,12 @@ class Records:
     def __getstate__(self) -> dict:  # what a loader worker gets: the description, not the opened files
         return {**self.__dict__, **{key: None for key in self.__dict__ if key.startswith("_")}}
 
+    def close(self) -> None:
+        """Let go of the opened files (a process that opens many splits' records in turn)."""
+        for key in self.__dict__:
+            if key.startswith("_"):
+                setattr(self, key, None)
+
     def error(self, what: str, row: int | None = None) -> StoreError:
         return StoreError(f"{self.where}{'' if row is None else f', row {row:,}'}: {what}")
 
@@ -236,6 +242,11 @@ class JpegRecords(Records):
         super().__init__(*args, **kwargs)
         self._index = self._file = None
 
+    def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+        super().close()
+
     @property
     def index(self) -> np.ndarray:
         if self._index is None:
@@ -293,19 +304,30 @@ class JpegRecords(Records):
         records = list(torch.split(buffer, sizes.tolist()))
         try:
             images = decode_jpeg(records, mode=ImageReadMode.RGB, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the GPU's memory, not the record
         except RuntimeError:
             images = None
         if images is None or any(image.shape != (3, SIZE, SIZE) for image in images):
-            for record, row in zip(records, rows.tolist()):
-                try:
-                    (image,) = decode_jpeg([record], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError as error:
-                    reason = re.sub(r"^.*\.cpp:\d+, ", "", str(error).strip().splitlines()[-1])  # torch's place
-                    raise self.error(f"its JPEG record cannot be decoded ({reason}): {DAMAGED}", row) from None
-                if image.shape != (3, SIZE, SIZE):
-                    raise self.error(f"its JPEG record decodes to {list(image.shape)}, not [3, {SIZE}, {SIZE}]: "
-                                     f"{DAMAGED}", row)
+            images = [self.decode_one(record, row, device) for record, row in zip(records, rows.tolist())]
         return torch.stack([image.permute(1, 2, 0) for image in images])
+
+    def decode_one(self, record: torch.Tensor, row: int, device) -> torch.Tensor:
+        """One JPEG record decoded on `device`, [3, 256, 256], or a StoreError naming its row."""
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            (image,) = decode_jpeg([record], mode=ImageReadMode.RGB, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            reason = re.sub(r"^.*\.cpp:\d+, ", "", str(error).strip().splitlines()[-1])  # torch's place
+            raise self.error(f"its JPEG record cannot be decoded ({reason}): {DAMAGED}", row) from None
+        if image.shape != (3, SIZE, SIZE):
+            raise self.error(f"its JPEG record decodes to {list(image.shape)}, not [3, {SIZE}, {SIZE}]: {DAMAGED}",
+                             row)
+        return image
 
     def read(self, rows) -> np.ndarray:
         return self.decode(*self.encoded(rows)).numpy()
@@ -340,6 +362,9 @@ class JpegRecords(Records):
 
     def finish(self, done: np.ndarray) -> dict:
         self.resume(done)  # the end of the last record: nothing after it
+        index = np.load(self.folder / "jpegs.npy", mmap_mode="r+")
+        index[~done] = 0  # a skipped row: none (a try of it before a kill may have left an entry)
+        index.flush()
         return {"bytes": (self.folder / "jpegs.bin").stat().st_size}
 
 

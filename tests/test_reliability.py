@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -720,6 +721,19 @@ def test_a_resume_with_an_ablation_switch_or_another_determinism_is_refused(half
         Run(tiny_cfg(demo_store, half_run, override))
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes(half_run, demo_store, tmp_path):
+    """A setting added later (data.decode) is missing from older checkpoints: it takes its default there, which is
+    what the code did before it existed, so the resume is neither refused nor recorded as a change."""
+    from repro.run import Run
+
+    run = copy_of(half_run, tmp_path)
+    path = run / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["data"]["decode"]
+    torch.save(checkpoint, path)
+    assert Run(tiny_cfg(demo_store, run)).changes == []
+
+
 def test_a_resume_may_change_the_rate_and_the_record_says_from_which_step(half_run, demo_store, tmp_path):
     run = copy_of(half_run, tmp_path)
     metrics = train(tiny_cfg(demo_store, run, "optim.lr=0.005", "log_every=1"))
@@ -822,9 +836,26 @@ def test_a_signal_during_the_prepare_is_one_line_saying_nothing_is_lost(tmp_path
 
 
 def test_the_prepares_workers_leave_the_stop_signals_to_it():
-    """A terminal's Ctrl-C reaches every process of the job: each worker printed a KeyboardInterrupt traceback."""
+    """A terminal's Ctrl-C reaches every process of the job: each worker printed a KeyboardInterrupt traceback. They
+    start with the signals blocked (one that comes while a worker imports waits, then is ignored)."""
     stops = [signal.Signals[name] for name in prepare_module.STOP_SIGNALS]
     assert list(prepare_module.parallel(signal.getsignal, stops, 1)) == [signal.SIG_IGN] * len(stops)
+    (blocked,) = prepare_module.parallel(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK), [[]], 1)
+    assert set(stops) <= blocked and not set(stops) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_the_prepares_pool_gives_results_in_order_and_ends_its_workers_when_left():
+    """In order: a JPEG store's records are appended as the chunks were made. Left early (a stop signal, an error),
+    the workers are ended, not waited for: a tar.gz shard's indexing takes minutes."""
+    tasks = ["sleep 0.5; echo first", "echo second", "echo third"]
+    assert list(prepare_module.parallel(subprocess.getoutput, tasks, 2)) == ["first", "second", "third"]
+    before, start = set(multiprocessing.active_children()), time.perf_counter()
+    pool = prepare_module.parallel(time.sleep, [0, 60, 60], 2)
+    next(pool)
+    pool.close()
+    while set(multiprocessing.active_children()) - before and time.perf_counter() - start < 30:
+        time.sleep(0.05)
+    assert not set(multiprocessing.active_children()) - before and time.perf_counter() - start < 30
 
 
 @pytest.mark.slow

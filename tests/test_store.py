@@ -14,10 +14,9 @@ import torch
 
 from helpers import command, tiny_cfg
 from repro import prepare as prepare_module
-from repro.data import batches
+from repro.data import batches, decode_device
 from repro.errors import PrepareError, RunError, StoreError
-from repro.prepare import convert, prepare, start_split
-from repro.run import decode_device
+from repro.prepare import convert, prepare, start_split, stored_sources
 from repro.store import IMAGE_BYTES, JpegRecords, PreparedStore, records_spec, sha256
 from repro.train import train
 
@@ -119,6 +118,24 @@ def test_decoding_on_a_device_gets_the_workers_checked_records_and_decodes_each_
     assert calls == [(8, torch.device("cuda:0"), {("cpu", torch.uint8, 1)})] * len(expected)
 
 
+def test_a_batch_the_decoder_refuses_is_decoded_record_by_record(demo_jpeg_store, monkeypatch):
+    """nvJPEG can fail a batch as a whole (e.g. out of memory for its buffers) where each record decodes: the
+    records are then decoded one at a time, and only a record that fails alone is named as damaged."""
+    import torchvision.io
+
+    records = PreparedStore(demo_jpeg_store).split("val").records
+    expected = records.read([0, 1, 2])
+    real = torchvision.io.decode_jpeg
+
+    def refuses_batches(batch, mode, device):
+        if len(batch) > 1:
+            raise RuntimeError("a whole batch refused")
+        return real(batch, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_batches)
+    assert np.array_equal(records.read([0, 1, 2]), expected)
+
+
 def test_gpu_decoding_is_refused_for_raw_records_and_for_a_cpu_tower(demo_store, demo_jpeg_store):
     assert decode_device("loader", PreparedStore(demo_store), "cpu") is None
     assert decode_device("gpu", PreparedStore(demo_jpeg_store), "cuda:0") == "cuda:0"
@@ -155,6 +172,35 @@ def test_an_interrupted_jpeg_prepare_continues_to_the_same_records(demo_raw, dem
     assert (out / "train" / "jpegs.bin").stat().st_size == (demo_jpeg_store / "train" / "jpegs.bin").stat().st_size
 
 
+def test_a_jpeg_store_is_the_same_bytes_whatever_the_workers_and_chunks(demo_raw, demo_jpeg_store, tmp_path):
+    """Records are appended in the order the chunks were made (not as workers finish them), so the same input gives
+    the same files."""
+    out = tmp_path / "store"
+    prepare(demo_raw, out, skip_bad=True, workers=2, chunk=3, record_format="jpeg")
+    for split in ("train", "val"):
+        for name in ("jpegs.bin", "jpegs.npy", "crc32.npy", "labels.npy", "sources.tsv"):
+            assert (out / split / name).read_bytes() == (demo_jpeg_store / split / name).read_bytes(), (split, name)
+
+
+def test_a_skipped_rows_index_entry_is_empty_even_after_a_kill(tmp_path):
+    """A row committed just before a kill, whose file then fails on the rerun, is skipped: its entry says so."""
+    records = JpegRecords(tmp_path, records_spec("jpeg"))
+    records.create(2)
+    records.commit([(0, None, b"abc"), (1, None, b"defg")])
+    assert records.finish(np.array([True, False])) == {"bytes": 3}
+    assert np.load(tmp_path / "jpegs.npy").tolist() == [[0, 3], [0, 0]]
+
+
+def test_the_statistics_pass_leaves_no_file_open(demo_jpeg_store):
+    """It reads ILSVRC-2012's training split in ~20,000 chunks, opening the records for each: each must be closed."""
+    store = PreparedStore(demo_jpeg_store)
+    rows = store.split("train").rows[:2]
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(10):
+        prepare_module._partial_sums((str(demo_jpeg_store / "train"), store.records_spec, rows))
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
 def test_the_space_check_counts_jpeg_records(demo_raw, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "free_space", lambda folder: 1_000_000)
     with pytest.raises(PrepareError, match=r"it needs 1\d\.\d MB \(64 images of at most about 48,000 bytes as JPEG "
@@ -172,6 +218,28 @@ def test_a_store_is_not_continued_or_reused_in_another_format(demo_raw, demo_sto
         start_split(tmp_path, "val", sources, records_spec("jpeg"))
     with pytest.raises(PrepareError, match="is the source store itself"):
         convert(demo_store, demo_store)
+    # nor continued another way: another quality, another draft, another source store
+    start_split(tmp_path, "train", sources, records_spec("jpeg", 95), {"draft": True})
+    with pytest.raises(PrepareError, match=r"was started with records=\{.*\"quality\": 95.*, not \{.*\"quality\": 90"):
+        start_split(tmp_path, "train", sources, records_spec("jpeg", 90), {"draft": True})
+    with pytest.raises(PrepareError, match=r"was started with draft=true, not false: its rows would be made two ways"):
+        start_split(tmp_path, "train", sources, records_spec("jpeg", 95), {"draft": False})
+
+
+def test_a_finished_conversion_is_left_alone_even_without_its_source(converted_store, tmp_path):
+    manifest = convert(tmp_path / "gone", converted_store, "jpeg", 95)
+    assert manifest == PreparedStore(converted_store).manifest
+
+
+def test_a_damaged_sources_table_stops_a_conversion_naming_it(demo_store, tmp_path):
+    store = copy_of(demo_store, tmp_path)
+    path = store / "val" / "sources.tsv"
+    path.write_text(path.read_text().replace("\t", " ", 1))
+    with pytest.raises(StoreError, match=r"split val: sources.tsv does not match the sha256 the manifest recorded"):
+        stored_sources(PreparedStore(store), "val")
+    edit_manifest(store, lambda manifest: manifest["splits"]["val"]["sha256"].pop("sources.tsv"))
+    with pytest.raises(PrepareError, match=r"sources.tsv, line 1: .* is not name, path, offset and size"):
+        stored_sources(PreparedStore(store), "val")
 
 
 def test_a_store_of_format_1_still_opens_as_raw(demo_store, tmp_path):

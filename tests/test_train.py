@@ -81,6 +81,16 @@ def test_eval_entry_point_reproduces_the_final_metrics(tiny_run, tmp_path):
     for key in ("top1_err_1crop", "top5_err_1crop", "top1_err_10crop", "top5_err_10crop"):
         assert evaluated[key] == trained[key], key
     assert evaluated["epoch"] == 2 and evaluated["preset"] == "paper"
+    assert evaluated["decode"] == "loader"  # where the run decoded (a raw store: in the loader's workers)
+
+
+def test_eval_refuses_to_decode_raw_records_on_a_gpu(tiny_run):
+    from repro.config import composed
+    from repro.evaluate import evaluate_checkpoint
+
+    run_dir, _ = tiny_run
+    with pytest.raises(RunError, match="data.decode=gpu decodes JPEG records, but the store .* holds raw records"):
+        evaluate_checkpoint(composed("eval", [f"checkpoint={run_dir}/checkpoints/last.pt", "decode=gpu"]))
 
 
 def test_report_command(tiny_run, capsys):

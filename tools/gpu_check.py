@@ -39,6 +39,7 @@ import torch
 
 from repro.checkpoint import load_checkpoint
 from repro.demo_data import make_demo_data
+from repro.io import available_cores
 from repro.preflight import same_training_state
 from repro.prepare import prepare
 from repro.runtime import environment as versions
@@ -136,7 +137,7 @@ def synthetic_store(scratch: Path, quick: bool) -> Path:
     if not (store / "manifest.json").is_file():
         classes, train, val = STORE[quick]
         make_demo_data(scratch / "raw", num_classes=classes, train_per_class=train, val_per_class=val, seed=0)
-        prepare(scratch / "raw", store, skip_bad=True, workers=min(8, os.cpu_count() or 1))
+        prepare(scratch / "raw", store, skip_bad=True, workers=min(8, available_cores()))
     return store
 
 
