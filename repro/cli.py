@@ -217,12 +217,17 @@ def report_main(argv: list[str]) -> int:
 # -- data ------------------------------------------------------------------------------------------------------
 
 
+def store_work_stops(what: str, store: str) -> StopSignals:
+    """Ctrl-C or a scheduler's SIGTERM during a store's `what` (preparation, conversion): one line, no traceback;
+    the images done are kept."""
+    kept = f"the images converted so far are kept in {store} and the same command continues from them"
+    return StopSignals(STOP_SIGNALS, at_once=f"during the {what}; nothing is lost: {kept}")
+
+
 @entry_point("repro-prepare")
 def prepare_main(argv: list[str]) -> int:
     cfg = settings("repro-prepare", "prepare", argv)
-    kept = (f"during the preparation; nothing is lost: the images converted so far are kept in {cfg.store} and the "
-            "same command continues from them")
-    with StopSignals(STOP_SIGNALS, at_once=kept):  # Ctrl-C or a scheduler's SIGTERM: one line, no traceback
+    with store_work_stops("preparation", cfg.store):
         prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers or available_cores(), cfg.draft,
                 source=cfg.source.name if cfg.source else None, record_format=cfg.format.name, quality=cfg.quality)
     return 0
@@ -231,9 +236,7 @@ def prepare_main(argv: list[str]) -> int:
 @entry_point("repro-convert")
 def convert_main(argv: list[str]) -> int:
     cfg = settings("repro-convert", "convert", argv)
-    kept = (f"during the conversion; nothing is lost: the records converted so far are kept in {cfg.store} and the "
-            "same command continues from them")
-    with StopSignals(STOP_SIGNALS, at_once=kept):
+    with store_work_stops("conversion", cfg.store):
         convert(Path(cfg.source), Path(cfg.store), cfg.format.name, cfg.quality, cfg.workers or available_cores())
     return 0
 
