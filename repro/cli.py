@@ -30,7 +30,7 @@ from repro.demo_data import make_demo_data
 from repro.distributed import World
 from repro.errors import ReproError, RunError
 from repro.evaluate import evaluate_checkpoint
-from repro.io import atomic_write, available_cores, locked, make_folder
+from repro.io import atomic_write, locked, make_folder
 from repro.launchers import own_gpu_pair, share_visible_gpus
 from repro.loop import StopSignals, Stopped
 from repro.prepare import STOP_SIGNALS, convert, prepare
@@ -228,7 +228,7 @@ def store_work_stops(what: str, store: str) -> StopSignals:
 def prepare_main(argv: list[str]) -> int:
     cfg = settings("repro-prepare", "prepare", argv)
     with store_work_stops("preparation", cfg.store):
-        prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers or available_cores(), cfg.draft,
+        prepare(Path(cfg.raw), Path(cfg.store), cfg.skip_bad, cfg.workers, cfg.draft,
                 source=cfg.source.name if cfg.source else None, record_format=cfg.format.name, quality=cfg.quality)
     return 0
 
@@ -237,7 +237,7 @@ def prepare_main(argv: list[str]) -> int:
 def convert_main(argv: list[str]) -> int:
     cfg = settings("repro-convert", "convert", argv)
     with store_work_stops("conversion", cfg.store):
-        convert(Path(cfg.source), Path(cfg.store), cfg.format.name, cfg.quality, cfg.workers or available_cores())
+        convert(Path(cfg.source), Path(cfg.store), cfg.format.name, cfg.quality, cfg.workers)
     return 0
 
 

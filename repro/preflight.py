@@ -151,6 +151,10 @@ class Box:
             self.cache[key] = make()
         return self.cache[key]
 
+    def prepared_store(self) -> PreparedStore:
+        """`store`, opened (and checked) once for every check that reads it."""
+        return self.cached("store", lambda: PreparedStore(self.store))
+
     def no_gpus(self, what: str) -> Result:
         visible = f"{len(self.gpus)} GPU among the devices" if self.gpus else "no GPU among the devices"
         return skipped(f"{what} ({visible}: {', '.join(map(str, self.devices))})")
@@ -780,7 +784,7 @@ def store_read_rates(box: Box) -> dict[str, float]:
     JPEG store on GPUs, `gpu` (nvJPEG on the first tower's GPU)."""
 
     def make() -> dict[str, float]:
-        split = PreparedStore(box.store).split("train")
+        split = box.prepared_store().split("train")
         decoders = {"loader": None}
         if split.records.spec["format"] == "jpeg" and box.gpus:
             decoders["gpu"] = box.devices[0]
@@ -820,7 +824,7 @@ def check_speed_store(box: Box) -> Result:
         return skipped("no prepared store given (make preflight STORE=..., or store=...)")
     rates, rate = store_read_rates(box), store_read_rate(box)
     rows, reported = step_rates(box)
-    records = PreparedStore(box.store).records_spec
+    records = box.prepared_store().records_spec
     held = "raw records" if records["format"] == "raw" else f"JPEG records of quality {records['quality']}"
     decoded = {"loader": "decoded in the loader" if records["format"] == "jpeg" else "",
                "gpu": f"with data.decode=gpu (nvJPEG on {box.devices[0]})"}
@@ -931,8 +935,6 @@ def preflight(cfg, command: str = "repro-preflight") -> int:
     devices = resolve_devices(cfg.devices, require_two_gpus=False)
     use_devices(devices)
     store = Path(cfg.store) if cfg.store else None
-    if store is not None:
-        PreparedStore(store).split("train")
     gpu = torch.device(devices[0]).type == "cuda"
     out = Path(cfg.out) if cfg.out else Path("runs") / "preflight" / time.strftime("%Y-%m-%d_%H-%M-%S")
     speed.set_precision(False)  # IEEE float32, as training sets it
@@ -940,4 +942,6 @@ def preflight(cfg, command: str = "repro-preflight") -> int:
         box = Box(devices, batch=cfg.batch_size or (128 if gpu else 2), steps=cfg.steps or (5 if gpu else 1),
                   repeats=cfg.repeats or (5 if gpu else 2), store=store, workers=cfg.workers, compile=cfg.compile,
                   workdir=Path(workdir))
+        if store is not None:  # a store that cannot be read is one line before any check runs
+            box.prepared_store().split("train")
         return run(box, names, out, command)
