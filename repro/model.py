@@ -404,7 +404,8 @@ class AlexNet(nn.Module):
             return self.forward_grouped(inputs[0])
         images = [image.to(device) for image, device in zip(inputs, self.devices)]
         # Each stage tower by tower, each exchange's copies all queued before the next stage (`exchange`): on two
-        # GPUs the launches are asynchronous, so the towers compute at once and meet at each exchange.
+        # GPUs the launches are asynchronous, so the towers should compute at once and meet at each exchange (the
+        # call order is tested under fake tensors; the overlap is measured by make preflight's speed-overlap on GPUs).
         pool2 = [tower.stem(x) for tower, x in zip(self.towers, self.conv1_inputs(images))]
         pool5 = [tower.trunk(x) for tower, x in zip(self.towers, exchange(pool2, self.devices))]
         fc6 = [tower.head6(x) for tower, x in zip(self.towers, exchange(pool5, self.devices))]

@@ -384,8 +384,8 @@ def render_compute(c: dict) -> list[str]:
               "| host-to-device copy on the critical path | `speed.prefetch` (pinned memory, side stream) |",
               "| input rate (decode) | the prepared uint8 store + augmentation on the GPU (data section above) |",
               "| one GPU running both towers | `speed.grouped` (fewer, larger kernels; no exchange copies) |",
-              "| cross-device copies | P2P/NVLink; each exchange's copies are queued together, so the towers compute "
-              "at once between exchanges (docs/speed.md#on-two-gpus) |", ""]
+              "| cross-device copies | P2P/NVLink; each exchange's copies are queued together, so the towers should "
+              "compute at once between exchanges (not yet measured on GPUs; docs/speed.md#on-two-gpus) |", ""]
     return lines
 
 
